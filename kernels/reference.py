@@ -1,0 +1,168 @@
+"""Pure-PyTorch prefix-augmented paged attention: the reference for every kernel and the CPU path.
+
+For request ``b`` with prefix ``p = prefix_ids[b]`` (``P = prefix_lens[p]``, or 0) and own length
+``N = own_lens[b]``, its keys are the concatenation ``[K_prefix(p) ; K_own(b)]`` of length
+``P + N``, gathered from the paged pool. Query ``i`` of the request (own index
+``N - q_len + i``) sees every prefix key and the own keys up to and including its own index:
+
+    out_i = softmax(q_i [K_prefix ; K_own]^T * scale + mask_i) [V_prefix ; V_own]
+
+The layer-independent work (which slots to gather, which query sees which key) is done once per
+step by :func:`build_gather_plan`; each layer then costs one gather and one SDPA call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .metadata import AttentionMetadata
+
+
+def write_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Scatter this step's ``key, value [T, Hkv, D]`` into ``k_cache, v_cache
+    [num_blocks, block_size, Hkv, D]`` at ``slot_mapping [T]`` (int64 slots)."""
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
+
+
+@dataclass(slots=True)
+class GatherPlan:
+    """Padded, per-request view of one step (shared by all layers)."""
+
+    kv_slots: torch.Tensor
+    """(B, L) int64: pool slot of each request's j-th key (prefix first, then own)."""
+    q_index: torch.Tensor
+    """(B, Q) int64: packed index of each request's i-th query (0 where padded)."""
+    q_valid: torch.Tensor
+    """(B, Q) bool: which padded query rows are real."""
+    mask: torch.Tensor
+    """(B, 1, Q, L) bool: True where query i may attend to key j."""
+
+
+def build_gather_plan(meta: AttentionMetadata) -> GatherPlan:
+    """Turn ``meta`` into gather indices and a boolean mask (see the module docstring)."""
+    device = meta.own_lens.device
+    bs = meta.block_size
+    q_lens = meta.q_lens.long()
+    own_lens = meta.own_lens.long()
+    pre_lens = meta.request_prefix_lens.long()
+    num_q, num_kv = meta.max_q_len, meta.max_kv_len
+
+    j = torch.arange(num_kv, device=device).unsqueeze(0)  # [1, L]
+    is_prefix = j < pre_lens[:, None]
+    own_j = (j - pre_lens[:, None]).clamp(min=0)
+    own_col = (own_j // bs).clamp(max=meta.block_tables.shape[1] - 1)
+    own_slot = meta.block_tables.long().gather(1, own_col) * bs + own_j % bs
+    if meta.prefix_block_tables.numel() > 0:
+        tables = meta.prefix_block_tables.long()[meta.prefix_ids.clamp(min=0).long()]
+        pre_col = (j // bs).clamp(max=tables.shape[1] - 1).expand(tables.shape[0], -1)
+        pre_slot = tables.gather(1, pre_col) * bs + j % bs
+        kv_slots = torch.where(is_prefix, pre_slot, own_slot)
+    else:
+        kv_slots = own_slot
+    kv_valid = j < (pre_lens + own_lens)[:, None]
+    kv_slots = torch.where(kv_valid, kv_slots, torch.zeros_like(kv_slots))
+
+    i = torch.arange(num_q, device=device).unsqueeze(0)  # [1, Q]
+    q_valid = i < q_lens[:, None]
+    q_index = torch.where(q_valid, meta.cu_q_lens[:-1, None].long() + i, torch.zeros_like(i))
+    q_own_index = (own_lens - q_lens)[:, None] + i  # [B, Q]
+    visible = is_prefix[:, None, :] | (own_j[:, None, :] <= q_own_index[:, :, None])
+    mask = visible & kv_valid[:, None, :]
+    # Padded query rows attend to one valid key so SDPA returns finite values; they are dropped.
+    mask = mask | (~q_valid[:, :, None] & (j == 0)[:, None, :])
+    return GatherPlan(kv_slots=kv_slots, q_index=q_index, q_valid=q_valid, mask=mask[:, None])
+
+
+def paged_prefix_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    plan: GatherPlan,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of ``query [T, Hq, D]`` over each request's prefix and own paged KV.
+
+    ``k_cache, v_cache``: ``[num_blocks, block_size, Hkv, D]`` with ``Hq % Hkv == 0``.
+    Returns ``[T, Hq, D]`` in the query's dtype; softmax and accumulation follow SDPA.
+    """
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    keys = k_cache.view(-1, num_kv_heads, head_dim)[plan.kv_slots]  # [B, L, Hkv, D]
+    values = v_cache.view(-1, num_kv_heads, head_dim)[plan.kv_slots]
+    q = query[plan.q_index]  # [B, Q, Hq, D]
+    groups = query.shape[1] // num_kv_heads
+    if groups > 1:
+        keys = keys.repeat_interleave(groups, dim=2)
+        values = values.repeat_interleave(groups, dim=2)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        keys.transpose(1, 2).to(q.dtype),
+        values.transpose(1, 2).to(q.dtype),
+        attn_mask=plan.mask,
+        scale=scale,
+    )  # [B, Hq, Q, D]
+    return out.transpose(1, 2)[plan.q_valid]
+
+
+def paged_prefix_attention_from_metadata(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """One-shot form of :func:`paged_prefix_attention` (builds the plan; for tests)."""
+    return paged_prefix_attention(query, k_cache, v_cache, build_gather_plan(meta), scale)
+
+
+def naive_prefix_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """The same attention written as a plain per-request loop in fp32: the oracle for the
+    vectorized reference and for the kernels. Returns ``[T, Hq, D]`` in fp32."""
+    bs = meta.block_size
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    groups = query.shape[1] // num_kv_heads
+    flat_k = k_cache.reshape(-1, num_kv_heads, head_dim).float()
+    flat_v = v_cache.reshape(-1, num_kv_heads, head_dim).float()
+
+    def slots(table: torch.Tensor, n: int) -> torch.Tensor:
+        pos = torch.arange(n, device=table.device)
+        return table.long()[pos // bs] * bs + pos % bs
+
+    out = torch.empty(query.shape, dtype=torch.float32, device=query.device)
+    for b in range(meta.num_requests):
+        start, end = int(meta.cu_q_lens[b]), int(meta.cu_q_lens[b + 1])
+        n_own, q_len = int(meta.own_lens[b]), end - start
+        pid = int(meta.prefix_ids[b])
+        n_pre = int(meta.prefix_lens[pid]) if pid >= 0 else 0
+        kv = slots(meta.block_tables[b], n_own)
+        if n_pre:
+            kv = torch.cat([slots(meta.prefix_block_tables[pid], n_pre), kv])
+        k = flat_k[kv].repeat_interleave(groups, dim=1)  # [L, Hq, D]
+        v = flat_v[kv].repeat_interleave(groups, dim=1)
+        q = query[start:end].float()  # [q_len, Hq, D]
+        scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+        own_index = torch.arange(n_own - q_len, n_own, device=q.device)[:, None]
+        key_own = torch.arange(n_own, device=q.device)[None, :]
+        allowed = torch.cat(
+            [torch.ones(q_len, n_pre, dtype=torch.bool, device=q.device), key_own <= own_index],
+            dim=1,
+        )
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        out[start:end] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+    return out
