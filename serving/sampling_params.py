@@ -1,0 +1,125 @@
+"""Per-request decoding options, validated once when a request enters the engine."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+MAX_LOGPROBS = 20
+"""Largest number of top alternatives a request may ask for per generated token."""
+
+_SEED_RANGE = (-(2**63), 2**64 - 1)
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    """How to pick each next token and when to stop.
+
+    Construction validates every field and raises ``ValueError`` naming the field and the value.
+    After construction ``stop`` is always a ``list[str]`` and ``stop_token_ids`` a ``list[int]``
+    (both possibly empty), whatever form they were given in.
+    """
+
+    max_new_tokens: int = 64
+    """Most tokens to generate; generation may stop earlier (eos, stop ids, stop strings)."""
+    temperature: float = 0.0
+    """Divides the logits before sampling; 0 means greedy (argmax)."""
+    top_k: int = 0
+    """Sample only among the k most likely tokens (ties at the k-th logit are kept); 0 = off."""
+    top_p: float = 1.0
+    """Sample only from the smallest set of most likely tokens whose probability reaches top_p."""
+    min_p: float = 0.0
+    """Drop tokens whose probability is below min_p times that of the most likely token."""
+    repetition_penalty: float = 1.0
+    """HF semantics: a token already in prompt or output has its logit divided by the penalty
+    if positive, multiplied if negative; 1 = off."""
+    seed: int | None = None
+    """Seeds this request's own generator: same seed, same prompt, same tokens, whatever else is
+    in the batch. None draws from the engine's shared generator."""
+    stop: list[str] | str | None = None
+    """Strings that end generation; the output is cut at the first one (see ``detokenizer``)."""
+    stop_token_ids: list[int] | None = None
+    """Token ids that end generation, besides eos."""
+    include_stop_str_in_output: bool = False
+    """Keep the matched stop string at the end of the output text."""
+    ignore_eos: bool = False
+    """Keep generating past eos (until max_new_tokens or another stop condition)."""
+    logprobs: int | None = None
+    """None = off; 0 = the chosen token's logprob; n = also the n most likely alternatives."""
+    skip_special_tokens: bool = True
+    """Leave special tokens (eos, pad, ...) out of the output text."""
+
+    def __post_init__(self) -> None:
+        self._check_ints()
+        self._check_floats()
+        self.stop = _normalize_stop(self.stop)
+        self.stop_token_ids = _normalize_stop_token_ids(self.stop_token_ids)
+
+    @property
+    def greedy(self) -> bool:
+        """True when the next token is always the argmax (temperature 0 or top_k 1)."""
+        return self.temperature == 0.0 or self.top_k == 1
+
+    def _check_ints(self) -> None:
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
+        if self.seed is not None and not (
+            _is_int(self.seed) and _SEED_RANGE[0] <= self.seed <= _SEED_RANGE[1]
+        ):
+            raise ValueError(
+                f"seed must be None or an int in [{_SEED_RANGE[0]}, {_SEED_RANGE[1]}], "
+                f"got {self.seed!r}"
+            )
+        if self.logprobs is not None and not (
+            _is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS
+        ):
+            raise ValueError(
+                f"logprobs must be None or an int in [0, {MAX_LOGPROBS}], got {self.logprobs!r}"
+            )
+
+    def _check_floats(self) -> None:
+        t = self.temperature
+        if not _is_real(t) or not math.isfinite(t) or t < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {t!r}")
+        if not _is_real(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not _is_real(self.min_p) or not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        r = self.repetition_penalty
+        if not _is_real(r) or not math.isfinite(r) or r <= 0:
+            raise ValueError(f"repetition_penalty must be a finite number > 0, got {r!r}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _normalize_stop(stop: object) -> list[str]:
+    if stop is None:
+        return []
+    items = [stop] if isinstance(stop, str) else stop
+    if not isinstance(items, list | tuple):
+        raise ValueError(f"stop must be a string or a list of strings, got {stop!r}")
+    for s in items:
+        if not isinstance(s, str) or not s:
+            raise ValueError(f"stop strings must be non-empty strings, got {s!r} in stop={stop!r}")
+    return list(items)
+
+
+def _normalize_stop_token_ids(ids: object) -> list[int]:
+    if ids is None:
+        return []
+    if not isinstance(ids, list | tuple):
+        raise ValueError(f"stop_token_ids must be a list of ints, got {ids!r}")
+    for i in ids:
+        if not _is_int(i) or i < 0:
+            raise ValueError(
+                f"stop_token_ids must be ints >= 0, got {i!r} in stop_token_ids={ids!r}"
+            )
+    return list(ids)
