@@ -1,0 +1,196 @@
+"""``AsyncEngine``: the synchronous engine stepped by a background thread, for asyncio servers.
+
+The engine belongs to one thread. Callers on the event loop send it commands (add, abort)
+through a queue and receive each request's outputs on an ``asyncio.Queue``; the event loop never
+waits on a forward pass. A consumer that stops iterating (cancelled, deadline, disconnect)
+aborts its request, which frees its blocks at the next step boundary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+from .engine import LLMEngine, Prompt
+from .request import RequestOutput
+from .sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop stopped (shut down or crashed) and takes no more requests."""
+
+
+class QueueFullError(RuntimeError):
+    """Too many requests are waiting; try again later."""
+
+
+class AsyncEngine:
+    """Runs ``engine.step()`` in a background thread and streams outputs to coroutines."""
+
+    def __init__(self, engine: LLMEngine, max_waiting: int | None = None) -> None:
+        self.engine = engine
+        self.max_waiting = max_waiting
+        self._commands: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Any]]] = {}
+        self._ids = itertools.count()
+        self._stopping = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="prefixserve-engine", daemon=True)
+        self._thread.start()
+
+    # -- caller side (event loop) ---------------------------------------------------------------
+
+    async def generate(
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Queue a request and yield its outputs as tokens arrive (the last has ``finished``).
+
+        Raises ``ValueError`` for invalid input, :class:`QueueFullError` when the queue is full,
+        and :class:`EngineDeadError` if the engine stopped. Leaving the loop early aborts it.
+        """
+        request_id = request_id or f"async-{next(self._ids)}"
+        loop = asyncio.get_running_loop()
+        stream: asyncio.Queue[Any] = asyncio.Queue()
+
+        def add() -> None:
+            waiting = len(self.engine.scheduler.waiting)
+            if self.max_waiting is not None and waiting >= self.max_waiting:
+                raise QueueFullError(
+                    f"{waiting} requests are already waiting (limit {self.max_waiting}); retry later"
+                )
+            self.engine.add_request(prompt, params, request_id)
+            self._streams[request_id] = (loop, stream)
+
+        await self._call(add)
+        finished = False
+        try:
+            while True:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self._submit(lambda: self._abort(request_id))
+
+    async def abort(self, request_id: str) -> None:
+        """Abort a request; its stream ends with an output whose finish reason is 'abort'."""
+        await self._call(lambda: self._abort(request_id))
+
+    async def run(self, fn: Callable[[LLMEngine], T]) -> T:
+        """Run ``fn(engine)`` on the engine thread between steps (e.g. to load an adapter)."""
+        return await self._call(lambda: fn(self.engine))
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        """Let running requests finish for up to ``timeout`` seconds, abort the rest, stop."""
+        if timeout:
+            deadline = asyncio.get_running_loop().time() + timeout
+            while self.engine.has_unfinished_requests() and self._thread.is_alive():
+                if asyncio.get_running_loop().time() >= deadline:
+                    break
+                await asyncio.sleep(0.05)
+        if self._thread.is_alive():
+            await self._call(self._abort_all)
+        self._stopping.set()
+        self._commands.put((lambda: None, Future()))
+        await asyncio.to_thread(self._thread.join)
+        self._fail_pending_commands()
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread.is_alive() and not self._stopping.is_set()
+
+    async def _call(self, fn: Callable[[], T]) -> T:
+        return await asyncio.wrap_future(self._submit(fn))
+
+    def _submit(self, fn: Callable[[], T]) -> Future[T]:
+        future: Future[T] = Future()
+        if not self.is_running:
+            future.set_exception(EngineDeadError(self._dead_reason()))
+        else:
+            self._commands.put((fn, future))
+        return future
+
+    def _dead_reason(self) -> str:
+        if self._error is not None:
+            return f"the engine stopped after an internal error: {self._error!r}"
+        return "the engine is shut down"
+
+    # -- engine side (background thread) --------------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                idle = not self.engine.has_unfinished_requests()
+                self._run_commands(block=idle)
+                if self.engine.has_unfinished_requests():
+                    self._deliver(self.engine.step())
+        except BaseException as e:
+            logger.exception("engine loop crashed")
+            self._error = e
+            self._stopping.set()
+            for request_id in list(self._streams):
+                self._push(request_id, EngineDeadError(self._dead_reason()))
+        self._fail_pending_commands()
+
+    def _run_commands(self, block: bool) -> None:
+        try:
+            fn, future = self._commands.get(timeout=0.1) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except Exception as e:
+                    future.set_exception(e)
+            try:
+                fn, future = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _fail_pending_commands(self) -> None:
+        while True:
+            try:
+                _, future = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if future.set_running_or_notify_cancel():
+                future.set_exception(EngineDeadError(self._dead_reason()))
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            self._push(out.request_id, out)
+
+    def _push(self, request_id: str, item: Any) -> None:
+        entry = self._streams.get(request_id)
+        if entry is None:
+            return
+        if isinstance(item, BaseException) or item.finished:
+            del self._streams[request_id]
+        loop, stream = entry
+        loop.call_soon_threadsafe(stream.put_nowait, item)
+
+    def _abort(self, request_id: str) -> None:
+        out = self.engine.abort(request_id)
+        if out is not None:
+            self._push(request_id, out)
+
+    def _abort_all(self) -> None:
+        for request_id in list(self.engine.requests):
+            self._abort(request_id)

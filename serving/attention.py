@@ -1,0 +1,129 @@
+"""Our attention inside transformers' own modeling code.
+
+We register an attention implementation named ``prefixserve`` with transformers'
+``AttentionInterface`` and a mask function that builds nothing (the metadata describes the
+mask). Each layer's attention call writes the step's K/V into the paged pool at
+``module.layer_idx`` and attends over prefix + own KV through an :class:`AttentionBackend`.
+The step's state reaches every layer as one keyword argument of the model's forward.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from .kernels import reference
+from .kernels.metadata import AttentionMetadata
+from .kv_cache import KVCachePool
+
+ATTN_IMPLEMENTATION = "prefixserve"
+STEP_KWARG = "prefixserve_step"
+
+
+class AttentionBackend(Protocol):
+    """Computes prefix-augmented paged attention for a packed step."""
+
+    name: str
+
+    def plan(self, meta: AttentionMetadata) -> Any:
+        """Layer-independent preparation, done once per step."""
+
+    def write_kv(
+        self,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> None:
+        """Store ``key, value [T, Hkv, D]`` at ``meta.slot_mapping``."""
+
+    def attend(
+        self,
+        query: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        plan: Any,
+        scale: float,
+    ) -> torch.Tensor:
+        """``query [T, Hq, D]`` -> ``[T, Hq, D]``."""
+
+
+class TorchBackend:
+    """The PyTorch reference (gather + SDPA); the CPU path."""
+
+    name = "torch"
+
+    def plan(self, meta: AttentionMetadata) -> reference.GatherPlan:
+        return reference.build_gather_plan(meta)
+
+    def write_kv(self, key, value, k_cache, v_cache, meta) -> None:  # type: ignore[no-untyped-def]
+        reference.write_kv(key, value, k_cache, v_cache, meta.slot_mapping)
+
+    def attend(self, query, k_cache, v_cache, plan, scale) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        return reference.paged_prefix_attention(query, k_cache, v_cache, plan, scale)
+
+
+def select_backend(requested: str | None, device: torch.device) -> AttentionBackend:
+    """``requested`` or $PREFIXSERVE_ATTENTION, else Triton on CUDA and the reference on CPU."""
+    name = requested or os.environ.get("PREFIXSERVE_ATTENTION") or (
+        "triton" if device.type == "cuda" else "torch"
+    )
+    if name == "torch":
+        return TorchBackend()
+    if name == "triton":
+        from .triton_backend import TritonBackend
+
+        return TritonBackend(device)
+    raise ValueError(f"PREFIXSERVE_ATTENTION must be 'torch' or 'triton', got {name!r}")
+
+
+@dataclass(slots=True)
+class StepContext:
+    """Everything a layer's attention call needs for this step."""
+
+    meta: AttentionMetadata
+    kv_cache: KVCachePool
+    backend: AttentionBackend
+    plan: Any
+
+
+def prefixserve_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention hook: ``query [1, Hq, T, D]``, ``key/value [1, Hkv, T, D]``
+    (RoPE applied) -> ``([1, T, Hq, D], None)``."""
+    step: StepContext | None = kwargs.get(STEP_KWARG)
+    if step is None:
+        raise RuntimeError(
+            "the prefixserve attention implementation only runs inside the prefixserve engine"
+        )
+    k_cache, v_cache = step.kv_cache.layer(module.layer_idx)  # type: ignore[arg-type]
+    step.backend.write_kv(key[0].transpose(0, 1), value[0].transpose(0, 1), k_cache, v_cache, step.meta)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = step.backend.attend(query[0].transpose(0, 1), k_cache, v_cache, step.plan, scale)
+    return out.unsqueeze(0), None
+
+
+def _no_mask(*args: Any, **kwargs: Any) -> None:
+    """Packed steps build no dense mask: the attention metadata says who sees what."""
+    return None
+
+
+def register_attention() -> str:
+    """Register our attention and mask functions with transformers (idempotent)."""
+    AttentionInterface.register(ATTN_IMPLEMENTATION, prefixserve_attention)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _no_mask)
+    return ATTN_IMPLEMENTATION

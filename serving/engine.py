@@ -1,0 +1,204 @@
+"""The synchronous engine: add requests, call :meth:`LLMEngine.step` until they finish.
+
+One step = schedule -> packed forward -> sample -> append tokens, detokenize, check stops ->
+free the blocks of finished requests. Everything here runs on one thread; the async engine
+wraps it in a background loop for the server.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from .config import EngineConfig
+from .detokenizer import IncrementalDetokenizer
+from .kv_cache import BlockAllocator
+from .model_loader import load_model
+from .model_runner import ModelRunner, model_shape
+from .request import FinishReason, Request, RequestOutput
+from .sampler import Sampler
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+Prompt = str | list[int]
+
+
+def _eos_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config):
+        eos = getattr(source, "eos_token_id", None)
+        ids.update([eos] if isinstance(eos, int) else eos or [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)
+
+
+def _max_model_len(model: torch.nn.Module, requested: int | None) -> int:
+    cfg = model.config.get_text_config()
+    limit = getattr(cfg, "max_position_embeddings", None) or 2048
+    window = getattr(cfg, "sliding_window", None)
+    if window is not None and getattr(cfg, "use_sliding_window", True) and window < limit:
+        # Our attention is global: stay inside the window so results equal the model's own.
+        limit = window
+    if requested is not None:
+        if requested > limit:
+            raise ValueError(f"max_model_len must be <= the model's limit {limit}, got {requested}")
+        return requested
+    return limit
+
+
+class LLMEngine:
+    """Continuous-batching engine over one transformers model and one paged KV pool."""
+
+    def __init__(self, config: EngineConfig | None = None) -> None:
+        self.config = config or EngineConfig()
+        model, self.tokenizer, self.model_path = load_model(self.config.model)
+        self.max_model_len = _max_model_len(model, self.config.model.max_model_len)
+        self.vocab_size = model_shape(model)[4]
+        self.eos_token_ids = _eos_token_ids(model, self.tokenizer)
+        self.runner = ModelRunner(model, self.config)
+        self.allocator = BlockAllocator(self.runner.kv_cache.num_blocks)
+        self.block_size = self.config.cache.block_size
+        self.scheduler = Scheduler(self.config.scheduler, self.allocator, self.block_size)
+        self.sampler = Sampler()
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+        self.num_generated_tokens = 0
+
+    # -- requests -------------------------------------------------------------------------------
+
+    def tokenize(self, prompt: Prompt) -> list[int]:
+        """Token ids of ``prompt``: a string is tokenized as given (no special tokens added)."""
+        if isinstance(prompt, str):
+            return list(self.tokenizer.encode(prompt, add_special_tokens=False))
+        ids = list(prompt)
+        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(
+                f"prompt token ids must be ints in [0, {self.vocab_size}), got {bad[:5]}"
+            )
+        return ids
+
+    def add_request(
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        """Validate and queue a request; returns its id. Raises ``ValueError`` on bad input."""
+        params = params or SamplingParams()
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        token_ids = self.tokenize(prompt)
+        if not token_ids:
+            raise ValueError("prompt must not be empty (it has 0 tokens)")
+        self._check_fits(len(token_ids), params)
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
+        request = Request(
+            request_id=request_id,
+            token_ids=token_ids,
+            params=params,
+            num_prompt_tokens=len(token_ids),
+            detokenizer=IncrementalDetokenizer(self.tokenizer, token_ids, params),
+            generator=generator,
+            eos_token_ids=frozenset() if params.ignore_eos else self.eos_token_ids,
+        )
+        self.requests[request_id] = request
+        self.scheduler.add(request)
+        return request_id
+
+    def _check_fits(self, num_prompt_tokens: int, params: SamplingParams) -> None:
+        total = num_prompt_tokens + params.max_new_tokens
+        if total > self.max_model_len:
+            raise ValueError(
+                f"prompt ({num_prompt_tokens} tokens) + max_new_tokens ({params.max_new_tokens}) "
+                f"= {total} exceeds the context of {self.max_model_len} tokens"
+            )
+        blocks = -(-total // self.block_size)
+        if blocks > self.allocator.num_blocks:
+            raise ValueError(
+                f"prompt + max_new_tokens = {total} tokens needs {blocks} KV blocks but the pool "
+                f"has {self.allocator.num_blocks}; lower max_new_tokens or give the pool more memory"
+            )
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its blocks; ``None`` if it is unknown or already done."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        self.scheduler.finish(request, FinishReason.ABORT)
+        return self._output(request, "", [])
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    # -- the step -------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled forward pass; returns outputs of requests that progressed."""
+        scheduled = self.scheduler.schedule()
+        if scheduled.is_empty:
+            return []
+        logits, sampling = self.runner.execute(scheduled)
+        for request, n in zip(scheduled.requests, scheduled.num_new_tokens):
+            request.num_computed_tokens += n
+        if not sampling:
+            return []
+        sampled = self.sampler(
+            logits,
+            [r.params for r in sampling],
+            [r.generator for r in sampling],
+            [r.token_ids for r in sampling],
+        )
+        now = time.monotonic()
+        outputs = []
+        for request, token, logprobs in zip(sampling, sampled.token_ids, sampled.logprobs):
+            if request.first_token_time is None:
+                request.first_token_time = now
+            outputs.append(self._append(request, token, logprobs))
+        self.num_generated_tokens += len(sampling)
+        return outputs
+
+    def _append(self, request: Request, token: int, logprobs: object) -> RequestOutput:
+        request.token_ids.append(token)
+        if logprobs is not None:
+            request.logprobs.append(logprobs)  # type: ignore[arg-type]
+        params = request.params
+        reason: FinishReason | None = None
+        delta = ""
+        if token in request.eos_token_ids or token in (params.stop_token_ids or ()):
+            reason = FinishReason.STOP
+        else:
+            delta = request.detokenizer.append(token)
+            if request.detokenizer.stopped:
+                reason = FinishReason.STOP
+            elif request.num_output_tokens >= params.max_new_tokens:
+                reason = FinishReason.LENGTH
+        if reason is not None:
+            delta += request.detokenizer.flush()
+            self.scheduler.finish(request, reason)
+            del self.requests[request.request_id]
+        return self._output(request, delta, [token])
+
+    def _output(self, request: Request, delta: str, delta_ids: list[int]) -> RequestOutput:
+        reason = request.finish_reason
+        return RequestOutput(
+            request_id=request.request_id,
+            text=request.detokenizer.text,
+            token_ids=request.output_token_ids,
+            finished=request.is_finished,
+            finish_reason=reason.value if reason is not None else None,
+            delta_text=delta,
+            delta_token_ids=delta_ids,
+            logprobs=list(request.logprobs) if request.params.logprobs is not None else None,
+            num_prompt_tokens=request.num_prompt_tokens,
+        )

@@ -1,0 +1,112 @@
+"""The paged KV pool: block tensors for every layer and a reference-counted block allocator.
+
+Blocks are owned either by one request (its own tokens) or, shared and read-only, by an adapter's
+prefix; the reference count lets several owners hold one block and returns it to the free list
+when the last owner lets go.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+
+class BlockAllocator:
+    """Hands out block ids of a pool of ``num_blocks`` and counts their owners."""
+
+    def __init__(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
+        self._free: deque[int] = deque(range(num_blocks))
+        self._refs = [0] * num_blocks
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    def allocate(self, n: int) -> list[int] | None:
+        """Take ``n`` free blocks (each with one owner), or ``None`` if fewer are free."""
+        if n > len(self._free):
+            return None
+        blocks = [self._free.popleft() for _ in range(n)]
+        for b in blocks:
+            self._refs[b] = 1
+        return blocks
+
+    def share(self, blocks: list[int]) -> None:
+        """Add one owner to each of ``blocks`` (all must be in use)."""
+        for b in blocks:
+            assert self._refs[b] > 0, f"block {b} is free and cannot be shared"
+            self._refs[b] += 1
+
+    def free(self, blocks: list[int]) -> None:
+        """Drop one owner from each of ``blocks``; a block with no owner left becomes free."""
+        for b in blocks:
+            assert self._refs[b] > 0, f"block {b} freed twice"
+            self._refs[b] -= 1
+            if self._refs[b] == 0:
+                self._free.append(b)
+
+    def ref_count(self, block: int) -> int:
+        return self._refs[block]
+
+
+@dataclass(frozen=True, slots=True)
+class KVCacheSpec:
+    """The shape of the pool, derived from the model."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: torch.dtype
+
+    @property
+    def bytes_per_block(self) -> int:
+        """K and V of one block across every layer."""
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * elem
+
+
+class KVCachePool:
+    """K and V tensors of shape ``[num_layers, num_blocks, block_size, num_kv_heads, head_dim]``."""
+
+    def __init__(self, spec: KVCacheSpec, num_blocks: int, device: torch.device) -> None:
+        shape = (spec.num_layers, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
+        self.spec = spec
+        self.num_blocks = num_blocks
+        self.k = torch.zeros(shape, dtype=spec.dtype, device=device)
+        self.v = torch.zeros(shape, dtype=spec.dtype, device=device)
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(k_cache, v_cache)`` of one layer, each ``[num_blocks, block_size, Hkv, D]``."""
+        return self.k[index], self.v[index]
+
+
+def size_pool(
+    spec: KVCacheSpec,
+    device: torch.device,
+    num_blocks: int | None,
+    memory_fraction: float,
+    cpu_memory_gib: float,
+) -> int:
+    """Number of blocks for the pool: explicit, else from free CUDA memory or a CPU budget."""
+    if num_blocks is not None:
+        return num_blocks
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = int(free * memory_fraction)
+    else:
+        budget = int(cpu_memory_gib * 2**30)
+    blocks = budget // spec.bytes_per_block
+    if blocks < 1:
+        raise ValueError(
+            f"not enough memory for one KV block ({spec.bytes_per_block} bytes); "
+            "lower block_size or give the pool more memory"
+        )
+    return blocks

@@ -1,0 +1,130 @@
+"""The offline API: ``LLM(...).generate(prompts, params)`` for scripts, notebooks and tests."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from .engine import LLMEngine, Prompt
+from .request import RequestOutput
+from .sampling_params import SamplingParams
+
+Message = dict[str, str]
+
+
+class LLM:
+    """A model served by the prefixserve engine, driven synchronously.
+
+    ``LLM()`` loads the embedded default model (SmolLM2-135M-Instruct); ``model`` may be a local
+    Hugging Face directory or a name transformers can load from its cache.
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        dtype: str | torch.dtype = "auto",
+        quantization: str = "none",
+        device: str | None = None,
+        max_model_len: int | None = None,
+        num_kv_blocks: int | None = None,
+        block_size: int = 16,
+        cpu_kv_memory_gib: float = 1.0,
+        kv_memory_fraction: float = 0.9,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 2048,
+        long_prefill_token_threshold: int | None = None,
+        attention_backend: str | None = None,
+    ) -> None:
+        config = EngineConfig(
+            model=ModelConfig(model, dtype, quantization, device, max_model_len),
+            cache=CacheConfig(block_size, num_kv_blocks, kv_memory_fraction, cpu_kv_memory_gib),
+            scheduler=SchedulerConfig(
+                max_num_batched_tokens, max_num_seqs, long_prefill_token_threshold
+            ),
+            attention_backend=attention_backend,
+        )
+        self.engine = LLMEngine(config)
+
+    @property
+    def tokenizer(self):  # type: ignore[no-untyped-def]
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt, batched by the engine; one output per prompt, in order.
+
+        ``prompts``: a string (tokenized as given, no special tokens added), a list of token ids,
+        or a list of either. ``params``: one ``SamplingParams`` for all or one per prompt.
+        """
+        batch = self._as_batch(prompts)
+        per_prompt = self._per_prompt(params, len(batch))
+        ids: list[str] = []
+        try:
+            for prompt, p in zip(batch, per_prompt):
+                ids.append(self.engine.add_request(prompt, p))
+            return self._run(ids, use_tqdm)
+        except BaseException:
+            for request_id in ids:
+                self.engine.abort(request_id)
+            raise
+
+    def chat(
+        self,
+        conversations: Sequence[Message] | Sequence[Sequence[Message]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Apply the model's chat template to one conversation or a list of them, then generate."""
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]  # type: ignore[list-item]
+        prompts = [self.apply_chat_template(c) for c in conversations]  # type: ignore[arg-type]
+        return self.generate(prompts, params, use_tqdm=use_tqdm)
+
+    def apply_chat_template(self, messages: Sequence[Message]) -> list[int]:
+        """Token ids of ``messages`` rendered with the model's chat template, ready to answer."""
+        if self.tokenizer.chat_template is None:
+            raise ValueError(f"the model at {self.engine.model_path} has no chat template")
+        text = self.tokenizer.apply_chat_template(
+            list(messages), add_generation_prompt=True, tokenize=False
+        )
+        return self.engine.tokenize(text)
+
+    @staticmethod
+    def _as_batch(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+        if isinstance(prompts, str):
+            return [prompts]
+        if prompts and all(isinstance(t, int) for t in prompts):
+            return [list(prompts)]  # type: ignore[arg-type]
+        return list(prompts)  # type: ignore[arg-type]
+
+    @staticmethod
+    def _per_prompt(
+        params: SamplingParams | Sequence[SamplingParams] | None, n: int
+    ) -> list[SamplingParams]:
+        if params is None or isinstance(params, SamplingParams):
+            return [params or SamplingParams()] * n
+        if len(params) != n:
+            raise ValueError(f"got {len(params)} SamplingParams for {n} prompts")
+        return list(params)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        with tqdm(total=len(ids), desc="generating", disable=not use_tqdm) as bar:
+            while len(done) < len(ids):
+                if not self.engine.has_unfinished_requests():
+                    raise RuntimeError("the engine went idle with requests unanswered")
+                for out in self.engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+                        bar.update(1)
+        return [done[i] for i in ids]

@@ -1,0 +1,94 @@
+"""A request's state as it moves through the engine, and the outputs handed back to callers."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from .detokenizer import IncrementalDetokenizer
+    from .sampler import TokenLogprobs
+    from .sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"
+    """An end-of-sequence token, a stop token id or a stop string."""
+    LENGTH = "length"
+    """max_new_tokens reached."""
+    ABORT = "abort"
+    """Aborted by the caller (or its connection went away)."""
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    """One generation request. ``token_ids`` holds the prompt followed by the generated tokens;
+    ``num_computed_tokens`` of them have their K/V in the request's own blocks."""
+
+    request_id: str
+    token_ids: list[int]
+    params: SamplingParams
+    num_prompt_tokens: int
+    detokenizer: IncrementalDetokenizer
+    generator: torch.Generator | None = None
+    eos_token_ids: frozenset[int] = frozenset()
+    arrival_time: float = field(default_factory=time.monotonic)
+    status: RequestStatus = RequestStatus.WAITING
+    num_computed_tokens: int = 0
+    block_ids: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    num_preemptions: int = 0
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    first_token_time: float | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def max_total_tokens(self) -> int:
+        """Tokens this request may hold at most: its prompt plus every token it may generate."""
+        return self.num_prompt_tokens + self.params.max_new_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """What the engine reports for a request after a step (cumulative, plus this step's delta)."""
+
+    request_id: str
+    text: str
+    """The whole generated text so far (stop string cut as configured)."""
+    token_ids: list[int]
+    """Every generated token id so far (new tokens only, not the prompt)."""
+    finished: bool
+    finish_reason: str | None
+    """'stop', 'length' or 'abort' once finished, else None."""
+    delta_text: str = ""
+    """Text added by this step."""
+    delta_token_ids: list[int] = field(default_factory=list)
+    """Token ids added by this step."""
+    logprobs: list[TokenLogprobs] | None = None
+    """Per generated token, when requested."""
+    num_prompt_tokens: int = 0

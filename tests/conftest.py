@@ -1,0 +1,105 @@
+"""Shared fixtures: tiny random-weight models of each tested architecture, and the default model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Paged attention stores keys and values in fixed-size blocks.",
+    "Prefix tuning learns a key and value prefix for every layer.",
+    "Continuous batching lets new requests join between decode steps.",
+    "Numbers like 12, 144 and 3.14 appear in text too.",
+]
+
+ARCHITECTURES = {
+    # name: (config class, extra kwargs); GQA in llama, qwen2 and qwen3, none in mistral.
+    "llama": (LlamaConfig, {"num_attention_heads": 4, "num_key_value_heads": 2}),
+    "mistral": (MistralConfig, {"num_attention_heads": 4, "num_key_value_heads": 4,
+                                "sliding_window": None}),
+    "qwen2": (Qwen2Config, {"num_attention_heads": 6, "num_key_value_heads": 2}),
+    "qwen3": (Qwen3Config, {"num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 24}),
+}
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small byte-level BPE tokenizer trained on a few sentences (no network)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+        pad_token="</s>",
+    )
+    path = tmp_path_factory.mktemp("tiny-tokenizer")
+    fast.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path):
+    """Factory: ``tiny_model_dir(arch)`` -> a saved random-weight model with the tiny tokenizer."""
+    cache: dict[str, Path] = {}
+
+    def make(arch: str) -> Path:
+        if arch in cache:
+            return cache[arch]
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(tiny_tokenizer_dir)
+        config_cls, extra = ARCHITECTURES[arch]
+        config = config_cls(
+            vocab_size=len(tokenizer),
+            hidden_size=96,
+            intermediate_size=192,
+            num_hidden_layers=2,
+            max_position_embeddings=512,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=arch != "llama",
+            **extra,
+        )
+        torch.manual_seed(1234)
+        model = AutoModelForCausalLM.from_config(config)
+        with torch.no_grad():  # larger weights give peaked, varied next-token distributions
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.normal_(0.0, 0.08)
+        path = tmp_path_factory.mktemp(f"tiny-{arch}")
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        cache[arch] = path
+        return path
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def default_llm():
+    """The engine on the embedded default model in fp32 (shared by the tests that need it)."""
+    from prefixserve import LLM
+
+    return LLM(dtype="float32")

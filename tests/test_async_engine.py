@@ -1,0 +1,92 @@
+"""AsyncEngine: concurrent streams equal offline outputs; leaving a stream aborts its request."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from prefixserve import LLM, SamplingParams
+from prefixserve.async_engine import AsyncEngine, EngineDeadError, QueueFullError
+
+PROMPTS = [[5, 9, 33, 7], [11, 12], [40, 41, 42, 43, 44, 45, 46, 47, 48], [100], [7, 7, 8]]
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tiny_model_dir) -> LLM:
+    return LLM(str(tiny_model_dir("llama")), dtype="float32", block_size=4, num_kv_blocks=128)
+
+
+async def _collect(engine: AsyncEngine, prompt, params):
+    deltas, last = [], None
+    async for out in engine.generate(prompt, params):
+        deltas.extend(out.delta_token_ids)
+        last = out
+    return deltas, last
+
+
+def test_concurrent_streams_equal_offline(tiny_llm):
+    params = SamplingParams(max_new_tokens=12)
+    expected = [o.token_ids for o in tiny_llm.generate(PROMPTS, params)]
+
+    async def main():
+        engine = AsyncEngine(tiny_llm.engine)
+        try:
+            results = await asyncio.gather(*(_collect(engine, p, params) for p in PROMPTS))
+        finally:
+            await engine.shutdown()
+        return results
+
+    results = asyncio.run(main())
+    for (deltas, last), want in zip(results, expected):
+        assert deltas == want and last.token_ids == want and last.finished
+    assert tiny_llm.engine.allocator.num_free == tiny_llm.engine.allocator.num_blocks
+
+
+def test_leaving_a_stream_aborts_and_frees(tiny_llm):
+    engine_blocks = tiny_llm.engine.allocator
+
+    async def main():
+        engine = AsyncEngine(tiny_llm.engine)
+        params = SamplingParams(max_new_tokens=200, ignore_eos=True)
+        stream = engine.generate(PROMPTS[2], params)
+        first = await anext(stream)
+        assert not first.finished
+        await stream.aclose()  # the client went away
+
+        async def cancelled():
+            async for _ in engine.generate(PROMPTS[0], params):
+                pass
+
+        task = asyncio.create_task(cancelled())
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        with pytest.raises(ValueError, match="prompt must not be empty"):
+            await anext(engine.generate([], params))
+        deltas, last = await _collect(engine, PROMPTS[1], SamplingParams(max_new_tokens=3))
+        assert last.finished and len(deltas) == 3
+        for _ in range(100):
+            if engine_blocks.num_free == engine_blocks.num_blocks:
+                break
+            await asyncio.sleep(0.02)
+        await engine.shutdown()
+        with pytest.raises(EngineDeadError):
+            await anext(engine.generate(PROMPTS[1], params))
+
+    asyncio.run(main())
+    assert engine_blocks.num_free == engine_blocks.num_blocks
+    assert not tiny_llm.engine.requests
+
+
+def test_bounded_queue_refuses_instead_of_growing(tiny_llm):
+    async def main():
+        engine = AsyncEngine(tiny_llm.engine, max_waiting=0)
+        try:
+            with pytest.raises(QueueFullError, match="retry later"):
+                await anext(engine.generate(PROMPTS[0], SamplingParams(max_new_tokens=2)))
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(main())
