@@ -1,0 +1,174 @@
+"""Pieces shared by the Triton attention kernels: interpreter detection, per-dtype flags,
+input validation and the two jit helpers every attention kernel is built from.
+
+Conventions used by all kernels:
+
+* The paged pool of one layer is ``k_cache, v_cache [num_blocks, block_size, Hkv, D]``; a key's
+  *logical position* ``j`` in a block table maps to ``table[j // block_size]`` and offset
+  ``j % block_size``. Any positive ``block_size`` works (it is a compile-time constant).
+* Query heads ``kvh * G .. kvh * G + G - 1`` share kv head ``kvh`` (``G = Hq // Hkv``); one program
+  stacks them on the M side of its tile so each K/V tile is loaded once for the whole group.
+* Softmax runs in base 2: scores are multiplied by ``scale * log2(e)``; a partial result's
+  log-sum-exp (``lse``) is stored in base 2 as well (``m + log2(l)``, ``-inf`` when it saw no key).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET: bool = os.environ.get("TRITON_INTERPRET") == "1"
+"""True when the kernels were defined under the Triton CPU interpreter (read once, at import)."""
+
+
+def _interpret_triton_stdlib() -> None:
+    """Make ``tl.cdiv``, ``tl.max``, ``tl.sum``... interpretable when Triton was imported before
+    ``TRITON_INTERPRET=1`` was set (transformers imports it through ``torch._dynamo``): those
+    helpers were then built as compiled ``JITFunction``s, which refuse to run in the interpreter."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    wrapped: dict[int, InterpretedFunction] = {}
+    for module in (tl, tl.standard, tl.math, tl.core):
+        for name, value in list(vars(module).items()):
+            if isinstance(value, JITFunction):
+                fn = wrapped.setdefault(id(value), InterpretedFunction(value.fn))
+                setattr(module, name, fn)
+
+
+if INTERPRET:
+    _interpret_triton_stdlib()
+
+LOG2E = math.log2(math.e)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def upcast_flag(dtype: torch.dtype) -> bool:
+    """Whether kernels must upcast loaded tiles to fp32: bf16 ``tl.dot`` and bf16 arithmetic are
+    wrong under the interpreter (triton issue 11584); fp16 and fp32 run natively there."""
+    return INTERPRET and dtype == torch.bfloat16
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``input_precision`` for ``tl.dot``: IEEE for fp32 (no TF32); ignored for fp16/bf16."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def block_d(head_dim: int) -> int:
+    """Padded head-dim tile (a power of two, >= 16 so ``tl.dot`` compiles on a GPU)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (a small fixed number under the interpreter)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def check_launchable(device: torch.device) -> None:
+    """Raise a clear error where a Triton launch could only fail with '0 active drivers'."""
+    if not INTERPRET and device.type != "cuda":
+        raise RuntimeError(
+            f"Triton kernels need CUDA tensors (got {device}); on CPU set TRITON_INTERPRET=1 "
+            "before importing prefixserve.kernels.triton_* modules"
+        )
+
+
+def check_kv_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """Validate ``k_cache, v_cache [num_blocks, block_size, Hkv, D]`` (same shape, dtype, device,
+    unit stride on the head dimension)."""
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if cache.dim() != 4:
+            raise ValueError(
+                f"{name} must be [num_blocks, block_size, Hkv, D], got {tuple(cache.shape)}"
+            )
+        if cache.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"{name} dtype {cache.dtype} not in {SUPPORTED_DTYPES}")
+        if cache.stride(-1) != 1:
+            raise ValueError(f"{name} needs unit stride on head_dim, got strides {cache.stride()}")
+    if k_cache.shape != v_cache.shape or k_cache.dtype != v_cache.dtype:
+        raise ValueError(
+            f"k_cache {tuple(k_cache.shape)} {k_cache.dtype} and v_cache {tuple(v_cache.shape)} "
+            f"{v_cache.dtype} must match"
+        )
+    if k_cache.device != v_cache.device:
+        raise ValueError(f"k_cache on {k_cache.device} but v_cache on {v_cache.device}")
+    check_launchable(k_cache.device)
+
+
+def check_tokens(name: str, x: torch.Tensor, k_cache: torch.Tensor, heads: int | None) -> None:
+    """Validate a packed per-token tensor ``x [T, H, D]`` against the cache (dtype, device, D)."""
+    if x.dim() != 3:
+        raise ValueError(f"{name} must be [T, heads, head_dim], got {tuple(x.shape)}")
+    if x.dtype != k_cache.dtype:
+        raise ValueError(f"{name} dtype {x.dtype} differs from the cache dtype {k_cache.dtype}")
+    if x.device != k_cache.device:
+        raise ValueError(f"{name} on {x.device} but the cache on {k_cache.device}")
+    if x.shape[2] != k_cache.shape[3]:
+        raise ValueError(f"{name} head_dim {x.shape[2]} != cache head_dim {k_cache.shape[3]}")
+    if heads is not None and x.shape[1] != heads:
+        raise ValueError(f"{name} has {x.shape[1]} heads, expected {heads}")
+    if x.stride(-1) != 1:
+        raise ValueError(f"{name} needs unit stride on head_dim, got strides {x.stride()}")
+
+
+def check_index(name: str, x: torch.Tensor, dtype: torch.dtype, device: torch.device) -> None:
+    """Validate an index tensor of the metadata (dtype and device; contiguous rows)."""
+    if x.dtype != dtype:
+        raise ValueError(f"{name} must be {dtype}, got {x.dtype}")
+    if x.device != device:
+        raise ValueError(f"{name} on {x.device} but the cache on {device}")
+    if x.numel() and x.stride(-1) != 1:
+        raise ValueError(f"{name} needs unit stride on its last dimension, got {x.stride()}")
+
+
+@triton.jit
+def attend_paged_tile(
+    q,
+    m_i,
+    l_i,
+    acc,
+    k_cache_ptr,
+    v_cache_ptr,
+    table_ptr,
+    pos,
+    pos_valid,
+    visible,
+    kv_head,
+    offs_d,
+    d_valid,
+    stride_block,
+    stride_slot,
+    stride_head,
+    qk_scale,
+    PAGE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """One flash-attention update of ``(m_i [M], l_i [M], acc [M, BLOCK_D])`` for queries
+    ``q [M, BLOCK_D]`` with the keys/values of one kv head at logical positions ``pos [BLOCK_N]``
+    of the block table at ``table_ptr`` (``pos_valid [BLOCK_N]``: in range). ``visible [M or 1,
+    BLOCK_N]`` masks scores and must imply ``pos_valid``. ``m_i`` starts at a large negative
+    finite value, so a fully masked row never produces NaN (its ``l_i`` stays 0)."""
+    page = tl.load(table_ptr + pos // PAGE, mask=pos_valid, other=0).to(tl.int64)
+    row = page * stride_block + (pos % PAGE) * stride_slot + kv_head * stride_head
+    ptrs = row[:, None] + offs_d[None, :]
+    mask = pos_valid[:, None] & d_valid[None, :]
+    k = tl.load(k_cache_ptr + ptrs, mask=mask, other=0.0)
+    v = tl.load(v_cache_ptr + ptrs, mask=mask, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    return m_new, l_i, acc

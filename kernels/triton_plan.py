@@ -1,0 +1,296 @@
+"""Per-step planning for the Triton attention kernels: everything that is the same for every layer
+of one step (which kernel, work lists, KV splits, scratch buffers) is decided here, once.
+
+    plan = plan_step(meta_on_cpu, device="cuda")  # head counts and head_dim optional
+    for layer in layers:
+        out = prefix_paged_attention(q, k_cache[layer], v_cache[layer], plan, scale)
+
+Give :func:`plan_step` host (CPU) metadata and a ``device`` when you have it: the host-side
+decisions then need no device synchronization, and the metadata is copied to ``device`` once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import triton
+
+from .metadata import AttentionMetadata
+from .triton_common import INTERPRET, num_sms
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchRule:
+    """Knobs of the decode dispatch and of KV splitting (defaults are estimates; re-measure with
+    ``benchmarks/kernels/bench_attention.py`` on the target GPU).
+
+    Decode dispatch: plain decode reads ``sum_b (P_b + N_b)`` cached tokens (prefix + own); grouped
+    decode reads each group's prefix once per row tile (``ceil(size_g * G / group_block_m)`` times
+    for a group of ``size_g`` requests and ``G`` query heads per kv head) plus every own part, and
+    costs one extra launch plus a merge. Grouped is chosen when the tokens it saves are at least
+    ``min_saved_fraction`` of what plain decode reads **and** at least ``min_saved_tokens`` (the
+    extra launch costs a few microseconds, i.e. several MB of reads at HBM speed).
+    """
+
+    min_saved_fraction: float = 0.2
+    min_saved_tokens: int = 4096
+    waves: float = 2.0
+    """KV splitting aims for ``waves * num_SMs`` programs when the batch alone gives fewer."""
+    min_split_tokens: int = 256
+    """No split covers fewer keys than this (below it the merge costs more than it saves)."""
+    max_splits: int = 32
+
+
+@dataclass(frozen=True, slots=True)
+class TileConfig:
+    block_m: int
+    """Rows of the query tile (query tokens x query heads of one kv head)."""
+    block_n: int
+    """Keys per inner-loop tile."""
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def prefill_tiles(gqa: int, head_dim: int) -> TileConfig:
+    """Prefill tile: ``block_m // gqa`` query tokens times ``gqa`` heads (one config, no
+    autotune)."""
+    if INTERPRET:  # few, large tiles: the interpreter's cost is per operation, not per element
+        return TileConfig(block_m=max(32, 8 * triton.next_power_of_2(gqa)), block_n=32)
+    block_m = max(64 if head_dim > 64 else 128, triton.next_power_of_2(gqa))
+    return TileConfig(
+        block_m=block_m, block_n=64, num_warps=4 if head_dim <= 64 else 8, num_stages=2
+    )
+
+
+def decode_tiles(gqa: int, head_dim: int) -> TileConfig:
+    """Decode tile: the ``gqa`` heads of one kv head, padded to >= 16 rows."""
+    block_n = 32 if INTERPRET else (64 if head_dim <= 128 else 32)
+    return TileConfig(block_m=max(16, triton.next_power_of_2(gqa)), block_n=block_n, num_stages=2)
+
+
+def group_tiles(gqa: int, head_dim: int) -> TileConfig:
+    """Grouped-prefix tile: ``block_m // gqa`` requests of one group times their ``gqa`` heads."""
+    if INTERPRET:
+        return TileConfig(block_m=max(32, 4 * triton.next_power_of_2(gqa)), block_n=32)
+    return TileConfig(block_m=max(64, triton.next_power_of_2(gqa)), block_n=64, num_stages=2)
+
+
+@dataclass(slots=True)
+class PrefillWork:
+    """Query tiles of a varlen step, longest first (each: ``block_m // G`` tokens of a request)."""
+
+    tile_req: torch.Tensor
+    """(W,) int32: request of each tile."""
+    tile_q0: torch.Tensor
+    """(W,) int32: first query (index within the request) of each tile."""
+    tiles: TileConfig
+
+
+@dataclass(slots=True)
+class GroupedWork:
+    """Row tiles of the grouped shared-prefix decode: requests sorted by prefix, cut into tiles
+    of at most ``tiles.block_m // G`` requests of one prefix."""
+
+    sorted_reqs: torch.Tensor
+    """(Bp,) int32: the requests that have a prefix, sorted by prefix id."""
+    tile_begin: torch.Tensor
+    """(W,) int32: first entry of ``sorted_reqs`` in each tile."""
+    tile_end: torch.Tensor
+    """(W,) int32: one past the last entry of ``sorted_reqs`` in each tile."""
+    tile_prefix: torch.Tensor
+    """(W,) int32: prefix id of each tile."""
+    prefix_splits: int
+    own_splits: int
+    tiles: TileConfig
+
+
+@dataclass(slots=True)
+class HostStep:
+    """CPU copies (int64) of what the planner reads, taken once in :func:`plan_step`."""
+
+    q_lens: torch.Tensor
+    own_lens: torch.Tensor
+    prefix_ids: torch.Tensor
+    prefix_lens: torch.Tensor
+    request_prefix_lens: torch.Tensor
+
+
+@dataclass(slots=True)
+class StepPlan:
+    """Layer-independent launch plan of one step (see the module docstring). The model-shape
+    dependent part (``mode`` onwards) is filled by :func:`specialize`, in :func:`plan_step` when
+    it is given the head counts, else at the first attention call of the step."""
+
+    meta: AttentionMetadata
+    """The step's metadata on the kernels' device; empty prefix tables are padded to one row."""
+    host: HostStep
+    decode_mode: str
+    forced_splits: int | None
+    rule: DispatchRule
+    mode: str = ""
+    """``"prefill"`` (varlen kernel), ``"decode"`` (plain) or ``"grouped"`` (cascade decode)."""
+    num_q_heads: int = 0
+    num_kv_heads: int = 0
+    head_dim: int = 0
+    prefill: PrefillWork | None = None
+    decode_splits: int = 1
+    grouped: GroupedWork | None = None
+    workspace: tuple[torch.Tensor, torch.Tensor] | None = None
+    """Partial outputs ``(B, Hq, S, D)`` fp32 and their base-2 lse ``(B, Hq, S)`` fp32."""
+    stats: dict[str, int] = field(default_factory=dict)
+    """Token counts behind the decision (``plain_tokens``, ``grouped_tokens``) for benchmarks."""
+
+    @property
+    def specialized(self) -> bool:
+        return self.num_q_heads > 0
+
+
+def _num_splits(programs: int, max_len: int, sms: int, rule: DispatchRule) -> int:
+    target = int(rule.waves * sms)
+    if programs >= target or max_len <= rule.min_split_tokens:
+        return 1
+    want = triton.cdiv(target, max(programs, 1))
+    return max(1, min(want, max_len // rule.min_split_tokens, rule.max_splits))
+
+
+def _prefill_work(
+    q_lens, own_lens, pre_lens, block_q: int, tiles: TileConfig, device
+) -> PrefillWork:
+    n_tiles = (q_lens + block_q - 1) // block_q
+    req = torch.repeat_interleave(torch.arange(q_lens.numel()), n_tiles)
+    first = torch.repeat_interleave(torch.cumsum(n_tiles, 0) - n_tiles, n_tiles)
+    q0 = (torch.arange(req.numel()) - first) * block_q
+    # Keys a tile visits: the prefix, the earlier chunks and its own causal window.
+    work = pre_lens[req] + own_lens[req] - q_lens[req] + torch.minimum(q0 + block_q, q_lens[req])
+    order = torch.argsort(work, descending=True, stable=True)
+    return PrefillWork(
+        tile_req=req[order].to(device, torch.int32),
+        tile_q0=q0[order].to(device, torch.int32),
+        tiles=tiles,
+    )
+
+
+def _grouped_work(prefix_ids, prefix_lens, rows_per_tile: int, tiles: TileConfig):
+    """Host-side grouping; returns ``(work tensors on CPU, tokens read per tile)``."""
+    with_prefix = torch.nonzero(prefix_ids >= 0).flatten()
+    order = torch.argsort(prefix_ids[with_prefix], stable=True)
+    sorted_reqs = with_prefix[order]
+    ids, counts = torch.unique_consecutive(prefix_ids[sorted_reqs], return_counts=True)
+    per_group = (counts + rows_per_tile - 1) // rows_per_tile
+    group = torch.repeat_interleave(torch.arange(ids.numel()), per_group)
+    group_first = torch.cumsum(counts, 0) - counts
+    k = torch.arange(group.numel()) - torch.repeat_interleave(
+        torch.cumsum(per_group, 0) - per_group, per_group
+    )
+    begin = group_first[group] + k * rows_per_tile
+    end = torch.minimum(begin + rows_per_tile, (group_first + counts)[group])
+    tile_prefix = ids[group]
+    tile_len = prefix_lens[tile_prefix.long()]
+    order = torch.argsort(tile_len, descending=True, stable=True)  # longest prefixes first
+    work = (sorted_reqs, begin[order], end[order], tile_prefix[order])
+    return work, tile_len
+
+
+def plan_step(
+    meta: AttentionMetadata,
+    *,
+    num_q_heads: int | None = None,
+    num_kv_heads: int | None = None,
+    head_dim: int | None = None,
+    device: torch.device | str | None = None,
+    decode_mode: str = "auto",
+    num_splits: int | None = None,
+    rule: DispatchRule = DispatchRule(),
+) -> StepPlan:
+    """Plan one step (once; every layer reuses the plan).
+
+    ``meta`` on the CPU plus ``device`` avoids any device synchronization; ``meta`` already on
+    the device costs one copy of a few small tensors to the host. Head counts and ``head_dim``
+    may be left out: the plan then completes itself at the step's first attention call.
+    ``decode_mode``: ``"auto"`` (:class:`DispatchRule`), ``"plain"`` or ``"grouped"`` (forced;
+    tests and benchmarks). ``num_splits`` forces the KV splits of every decode kernel."""
+    if decode_mode not in ("auto", "plain", "grouped"):
+        raise ValueError(f"decode_mode must be auto, plain or grouped, got {decode_mode!r}")
+    if meta.block_size < 1:
+        raise ValueError(f"block_size must be positive, got {meta.block_size}")
+    host = HostStep(
+        q_lens=meta.q_lens.cpu().long(),
+        own_lens=meta.own_lens.cpu().long(),
+        prefix_ids=meta.prefix_ids.cpu().long(),
+        prefix_lens=meta.prefix_lens.cpu().long(),
+        request_prefix_lens=meta.request_prefix_lens.cpu().long(),
+    )
+    if host.own_lens.numel() == 0:
+        raise ValueError("a step needs at least one request")
+    if torch.any(host.q_lens > host.own_lens) or torch.any(host.q_lens < 1):
+        raise ValueError("every request needs 1 <= q_len <= own_len")
+    device = torch.device(device) if device is not None else meta.own_lens.device
+    dev_meta = meta.to(device)
+    if dev_meta.prefix_lens.numel() == 0:  # kernels always get a valid pointer
+        dev_meta.prefix_lens = torch.zeros(1, dtype=torch.int32, device=device)
+        dev_meta.prefix_block_tables = torch.zeros(1, 1, dtype=torch.int32, device=device)
+    plan = StepPlan(dev_meta, host, decode_mode, num_splits, rule)
+    if num_q_heads is not None or num_kv_heads is not None or head_dim is not None:
+        if num_q_heads is None or num_kv_heads is None or head_dim is None:
+            raise ValueError("give all of num_q_heads, num_kv_heads and head_dim, or none")
+        specialize(plan, num_q_heads, num_kv_heads, head_dim)
+    return plan
+
+
+def specialize(plan: StepPlan, num_q_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    """Fill the model-shape dependent part of ``plan``: kernel choice, work lists, splits and the
+    split-KV workspace."""
+    if num_kv_heads < 1 or num_q_heads % num_kv_heads:
+        raise ValueError(
+            f"num_q_heads {num_q_heads} is not a multiple of num_kv_heads {num_kv_heads}"
+        )
+    plan.num_q_heads, plan.num_kv_heads, plan.head_dim = num_q_heads, num_kv_heads, head_dim
+    host, rule, splits = plan.host, plan.rule, plan.forced_splits
+    device = plan.meta.own_lens.device
+    gqa = num_q_heads // num_kv_heads
+    batch = host.own_lens.numel()
+    if plan.meta.max_q_len > 1:
+        plan.mode = "prefill"
+        tiles = prefill_tiles(gqa, head_dim)
+        block_q = tiles.block_m // gqa
+        plan.prefill = _prefill_work(
+            host.q_lens, host.own_lens, host.request_prefix_lens, block_q, tiles, device
+        )
+        return
+
+    sms = num_sms(device)
+    tiles = group_tiles(gqa, head_dim)
+    work, tile_len = _grouped_work(host.prefix_ids, host.prefix_lens, tiles.block_m // gqa, tiles)
+    kv_lens = host.request_prefix_lens + host.own_lens
+    plain_tokens = int(kv_lens.sum())
+    grouped_tokens = int(tile_len.sum() + host.own_lens.sum())
+    saved = plain_tokens - grouped_tokens
+    plan.stats = {"plain_tokens": plain_tokens, "grouped_tokens": grouped_tokens}
+    grouped = plan.decode_mode == "grouped" or (
+        plan.decode_mode == "auto"
+        and saved >= rule.min_saved_fraction * plain_tokens
+        and saved >= rule.min_saved_tokens
+    )
+    if not grouped:
+        plan.mode = "decode"
+        max_len = int(kv_lens.max())
+        plan.decode_splits = splits or _num_splits(batch * num_kv_heads, max_len, sms, rule)
+        parts = plan.decode_splits if plan.decode_splits > 1 else 0
+    else:
+        plan.mode = "grouped"
+        num_tiles = work[1].numel()
+        max_pre = int(tile_len.max()) if num_tiles else 0
+        max_own = int(host.own_lens.max())
+        pre_splits = splits or _num_splits(num_tiles * num_kv_heads, max_pre, sms, rule)
+        own_splits = splits or _num_splits(batch * num_kv_heads, max_own, sms, rule)
+        sorted_reqs, begin, end, tile_prefix = (t.to(device, torch.int32) for t in work)
+        plan.grouped = GroupedWork(
+            sorted_reqs, begin, end, tile_prefix, pre_splits, own_splits, tiles
+        )
+        parts = pre_splits + own_splits
+    if parts:
+        plan.workspace = (
+            torch.empty(batch, num_q_heads, parts, head_dim, dtype=torch.float32, device=device),
+            torch.empty(batch, num_q_heads, parts, dtype=torch.float32, device=device),
+        )
