@@ -21,8 +21,20 @@ from transformers import AutoModelForCausalLM
 
 from prefixserve import LLM, SamplingParams
 
-TOPICS = ["the moon", "bread", "volcanoes", "chess", "the printing press", "honey bees",
-          "jazz", "glaciers", "the Roman empire", "solar panels", "octopuses", "coffee"]
+TOPICS = [
+    "the moon",
+    "bread",
+    "volcanoes",
+    "chess",
+    "the printing press",
+    "honey bees",
+    "jazz",
+    "glaciers",
+    "the Roman empire",
+    "solar panels",
+    "octopuses",
+    "coffee",
+]
 ASKS = [
     "Tell me one fact about {t}.",
     "Write a short poem about {t}.",
@@ -38,8 +50,10 @@ ASKS = [
 
 def make_prompts(llm: LLM, n: int, seed: int = 0) -> list[list[int]]:
     rng = random.Random(seed)
-    messages = [[{"role": "user", "content": rng.choice(ASKS).format(t=rng.choice(TOPICS))}]
-                for _ in range(n)]
+    messages = [
+        [{"role": "user", "content": rng.choice(ASKS).format(t=rng.choice(TOPICS))}]
+        for _ in range(n)
+    ]
     return [llm.apply_chat_template(m) for m in messages]
 
 
@@ -58,9 +72,17 @@ def bench_transformers(model, pad_id: int, prompts: list[list[int]], new_tokens:
     ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     start = time.perf_counter()
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens,
-                         min_new_tokens=new_tokens, do_sample=False, top_p=None, top_k=None,
-                         temperature=None, pad_token_id=pad_id)
+    out = model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        top_p=None,
+        top_k=None,
+        temperature=None,
+        pad_token_id=pad_id,
+    )
     elapsed = time.perf_counter() - start
     assert out.shape[1] - width == new_tokens
     return elapsed
@@ -89,38 +111,50 @@ def main() -> None:
         prompts = make_prompts(llm, batch, seed=batch)
         tokens = batch * args.max_new_tokens
         ours = bench_prefixserve(llm, prompts, args.max_new_tokens)
-        theirs = bench_transformers(model.to(llm.engine.runner.device), pad_id, prompts,
-                                    args.max_new_tokens)
-        rows.append({
-            "batch": batch,
-            "prompt_tokens_mean": sum(map(len, prompts)) / batch,
-            "prompt_tokens_max": max(map(len, prompts)),
-            "new_tokens": args.max_new_tokens,
-            "prefixserve_tok_s": tokens / ours,
-            "transformers_tok_s": tokens / theirs,
-            "ratio": theirs / ours,
-        })
+        theirs = bench_transformers(
+            model.to(llm.engine.runner.device), pad_id, prompts, args.max_new_tokens
+        )
+        rows.append(
+            {
+                "batch": batch,
+                "prompt_tokens_mean": sum(map(len, prompts)) / batch,
+                "prompt_tokens_max": max(map(len, prompts)),
+                "new_tokens": args.max_new_tokens,
+                "prefixserve_tok_s": tokens / ours,
+                "transformers_tok_s": tokens / theirs,
+                "ratio": theirs / ours,
+            }
+        )
 
     print(f"\nmodel {llm.engine.model_path}  dtype {args.dtype}  device {llm.engine.runner.device}")
-    print(f"{'batch':>5} {'prompt mean/max':>16} {'prefixserve tok/s':>18} "
-          f"{'transformers tok/s':>19} {'ratio':>6}")
+    print(
+        f"{'batch':>5} {'prompt mean/max':>16} {'prefixserve tok/s':>18} "
+        f"{'transformers tok/s':>19} {'ratio':>6}"
+    )
     for r in rows:
-        print(f"{r['batch']:>5} {r['prompt_tokens_mean']:>10.0f}/{r['prompt_tokens_max']:<5} "
-              f"{r['prefixserve_tok_s']:>18.1f} {r['transformers_tok_s']:>19.1f} "
-              f"{r['ratio']:>6.2f}")
+        print(
+            f"{r['batch']:>5} {r['prompt_tokens_mean']:>10.0f}/{r['prompt_tokens_max']:<5} "
+            f"{r['prefixserve_tok_s']:>18.1f} {r['transformers_tok_s']:>19.1f} "
+            f"{r['ratio']:>6.2f}"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "benchmark": "offline_throughput",
-        "model": llm.engine.model_path,
-        "dtype": args.dtype,
-        "device": str(llm.engine.runner.device),
-        "attention_backend": llm.engine.runner.backend.name,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "machine": platform.machine(),
-        "rows": rows,
-    }, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "benchmark": "offline_throughput",
+                "model": llm.engine.model_path,
+                "dtype": args.dtype,
+                "device": str(llm.engine.runner.device),
+                "attention_backend": llm.engine.runner.backend.name,
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+                "machine": platform.machine(),
+                "rows": rows,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {out}")
 
 

@@ -39,7 +39,9 @@ class AsyncEngine:
     def __init__(self, engine: LLMEngine, max_waiting: int | None = None) -> None:
         self.engine = engine
         self.max_waiting = max_waiting
-        self._commands: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = (
+            queue.SimpleQueue()
+        )
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Any]]] = {}
         self._ids = itertools.count()
         self._stopping = threading.Event()
@@ -68,7 +70,8 @@ class AsyncEngine:
             waiting = len(self.engine.scheduler.waiting)
             if self.max_waiting is not None and waiting >= self.max_waiting:
                 raise QueueFullError(
-                    f"{waiting} requests are already waiting (limit {self.max_waiting}); retry later"
+                    f"{waiting} requests are already waiting (limit {self.max_waiting}); "
+                    "retry later"
                 )
             self.engine.add_request(prompt, params, request_id)
             self._streams[request_id] = (loop, stream)

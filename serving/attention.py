@@ -62,17 +62,33 @@ class TorchBackend:
     def plan(self, meta: AttentionMetadata) -> reference.GatherPlan:
         return reference.build_gather_plan(meta)
 
-    def write_kv(self, key, value, k_cache, v_cache, meta) -> None:  # type: ignore[no-untyped-def]
+    def write_kv(
+        self,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> None:
         reference.write_kv(key, value, k_cache, v_cache, meta.slot_mapping)
 
-    def attend(self, query, k_cache, v_cache, plan, scale) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    def attend(
+        self,
+        query: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        plan: reference.GatherPlan,
+        scale: float,
+    ) -> torch.Tensor:
         return reference.paged_prefix_attention(query, k_cache, v_cache, plan, scale)
 
 
 def select_backend(requested: str | None, device: torch.device) -> AttentionBackend:
     """``requested`` or $PREFIXSERVE_ATTENTION, else Triton on CUDA and the reference on CPU."""
-    name = requested or os.environ.get("PREFIXSERVE_ATTENTION") or (
-        "triton" if device.type == "cuda" else "torch"
+    name = (
+        requested
+        or os.environ.get("PREFIXSERVE_ATTENTION")
+        or ("triton" if device.type == "cuda" else "torch")
     )
     if name == "torch":
         return TorchBackend()
@@ -111,7 +127,9 @@ def prefixserve_attention(
             "the prefixserve attention implementation only runs inside the prefixserve engine"
         )
     k_cache, v_cache = step.kv_cache.layer(module.layer_idx)  # type: ignore[arg-type]
-    step.backend.write_kv(key[0].transpose(0, 1), value[0].transpose(0, 1), k_cache, v_cache, step.meta)
+    step.backend.write_kv(
+        key[0].transpose(0, 1), value[0].transpose(0, 1), k_cache, v_cache, step.meta
+    )
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     out = step.backend.attend(query[0].transpose(0, 1), k_cache, v_cache, step.plan, scale)
     return out.unsqueeze(0), None

@@ -12,7 +12,7 @@ import logging
 import time
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 Prompt = str | list[int]
 
 
-def _eos_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+def _eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
     ids: set[int] = set()
     for source in (getattr(model, "generation_config", None), model.config):
         eos = getattr(source, "eos_token_id", None)
@@ -39,7 +39,7 @@ def _eos_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -
     return frozenset(ids)
 
 
-def _max_model_len(model: torch.nn.Module, requested: int | None) -> int:
+def _max_model_len(model: PreTrainedModel, requested: int | None) -> int:
     cfg = model.config.get_text_config()
     limit = getattr(cfg, "max_position_embeddings", None) or 2048
     window = getattr(cfg, "sliding_window", None)
@@ -127,7 +127,8 @@ class LLMEngine:
         if blocks > self.allocator.num_blocks:
             raise ValueError(
                 f"prompt + max_new_tokens = {total} tokens needs {blocks} KV blocks but the pool "
-                f"has {self.allocator.num_blocks}; lower max_new_tokens or give the pool more memory"
+                f"has {self.allocator.num_blocks}; lower max_new_tokens or give the pool more "
+                "memory"
             )
 
     def abort(self, request_id: str) -> RequestOutput | None:

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
 
 from .config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from .engine import LLMEngine, Prompt
@@ -50,7 +51,7 @@ class LLM:
         self.engine = LLMEngine(config)
 
     @property
-    def tokenizer(self):  # type: ignore[no-untyped-def]
+    def tokenizer(self) -> PreTrainedTokenizerBase:
         return self.engine.tokenizer
 
     def generate(
@@ -85,9 +86,12 @@ class LLM:
         use_tqdm: bool = False,
     ) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation or a list of them, then generate."""
-        if conversations and isinstance(conversations[0], dict):
-            conversations = [conversations]  # type: ignore[list-item]
-        prompts = [self.apply_chat_template(c) for c in conversations]  # type: ignore[arg-type]
+        batch = (
+            [conversations]
+            if conversations and isinstance(conversations[0], dict)
+            else conversations
+        )
+        prompts = [self.apply_chat_template(c) for c in batch]  # type: ignore[arg-type]
         return self.generate(prompts, params, use_tqdm=use_tqdm)
 
     def apply_chat_template(self, messages: Sequence[Message]) -> list[int]:
@@ -97,7 +101,7 @@ class LLM:
         text = self.tokenizer.apply_chat_template(
             list(messages), add_generation_prompt=True, tokenize=False
         )
-        return self.engine.tokenize(text)
+        return self.engine.tokenize(str(text))
 
     @staticmethod
     def _as_batch(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:

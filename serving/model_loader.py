@@ -5,8 +5,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from .attention import register_attention
 from .config import ModelConfig
@@ -27,9 +32,8 @@ def _quantization_config(config: ModelConfig) -> object | None:
     if config.quantization == "none":
         return None
     try:
-        from transformers import BitsAndBytesConfig
-
         import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
     except ImportError as e:
         raise ValueError(
             f"quantization={config.quantization!r} needs bitsandbytes: pip install bitsandbytes"
@@ -44,7 +48,7 @@ def _quantization_config(config: ModelConfig) -> object | None:
     )
 
 
-def load_model(config: ModelConfig) -> tuple[torch.nn.Module, PreTrainedTokenizerBase, str]:
+def load_model(config: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
     """Load ``(model, tokenizer, path)`` with our attention implementation installed."""
     path = resolve_model_path(config.model)
     if config.model is not None and not Path(path).exists():
@@ -61,9 +65,9 @@ def load_model(config: ModelConfig) -> tuple[torch.nn.Module, PreTrainedTokenize
     if quantization is not None:
         kwargs["quantization_config"] = quantization
         kwargs["device_map"] = str(device)
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if quantization is None:
-        model = model.to(device)
+        model.to(device)  # type: ignore[arg-type]
     model.eval().requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer, path

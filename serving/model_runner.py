@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from transformers import PreTrainedModel
 
 from .attention import STEP_KWARG, StepContext, select_backend
 from .config import EngineConfig
@@ -35,7 +36,7 @@ class ModelInput:
     """The R requests that sample a token after this step, in logits order."""
 
 
-def model_shape(model: torch.nn.Module) -> tuple[int, int, int, int, int]:
+def model_shape(model: PreTrainedModel) -> tuple[int, int, int, int, int]:
     """``(num_layers, num_heads, num_kv_heads, head_dim, vocab_size)`` of a transformers model."""
     cfg = model.config.get_text_config()
     heads = cfg.num_attention_heads
@@ -47,12 +48,14 @@ def model_shape(model: torch.nn.Module) -> tuple[int, int, int, int, int]:
 class ModelRunner:
     """Owns the model, the KV pool and the attention backend; runs one step at a time."""
 
-    def __init__(self, model: torch.nn.Module, config: EngineConfig) -> None:
+    def __init__(self, model: PreTrainedModel, config: EngineConfig) -> None:
         self.model = model
         self.device = config.model.torch_device
         num_layers, _, kv_heads, head_dim, self.vocab_size = model_shape(model)
         self.block_size = config.cache.block_size
-        spec = KVCacheSpec(num_layers, kv_heads, head_dim, self.block_size, config.model.torch_dtype)
+        spec = KVCacheSpec(
+            num_layers, kv_heads, head_dim, self.block_size, config.model.torch_dtype
+        )
         num_blocks = size_pool(
             spec,
             self.device,

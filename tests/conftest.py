@@ -27,8 +27,10 @@ CORPUS = [
 ARCHITECTURES = {
     # name: (config class, extra kwargs); GQA in llama, qwen2 and qwen3, none in mistral.
     "llama": (LlamaConfig, {"num_attention_heads": 4, "num_key_value_heads": 2}),
-    "mistral": (MistralConfig, {"num_attention_heads": 4, "num_key_value_heads": 4,
-                                "sliding_window": None}),
+    "mistral": (
+        MistralConfig,
+        {"num_attention_heads": 4, "num_key_value_heads": 4, "sliding_window": None},
+    ),
     "qwen2": (Qwen2Config, {"num_attention_heads": 6, "num_key_value_heads": 2}),
     "qwen3": (Qwen3Config, {"num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 24}),
 }
@@ -52,7 +54,10 @@ def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     tok.train_from_iterator(CORPUS, trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
         pad_token="</s>",
     )
     path = tmp_path_factory.mktemp("tiny-tokenizer")

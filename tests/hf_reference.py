@@ -6,7 +6,9 @@ import torch
 
 
 @torch.inference_mode()
-def hf_greedy(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+def hf_greedy(
+    model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int
+) -> list[list[int]]:
     """New token ids of ``model.generate`` (greedy) for each prompt, ending at eos if produced."""
     results = []
     for ids in prompts:
@@ -19,5 +21,5 @@ def hf_greedy(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: 
             top_k=None,
             temperature=None,
         )
-        results.append(out[0, len(ids):].tolist())
+        results.append(out[0, len(ids) :].tolist())
     return results

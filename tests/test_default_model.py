@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from prefixserve import default_model
 from prefixserve.default_model import DIR_NAME, MARKER_FILE, default_model_dir, gguf_path
 

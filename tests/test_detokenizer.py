@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from prefixserve.detokenizer import PROMPT_CONTEXT_TOKENS, IncrementalDetokenizer
-from prefixserve.sampling_params import SamplingParams
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
+
+from prefixserve.detokenizer import PROMPT_CONTEXT_TOKENS, IncrementalDetokenizer
+from prefixserve.sampling_params import SamplingParams
 
 CORPUS = [
     "Hello world, this is a test of streaming text.",

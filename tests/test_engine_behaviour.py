@@ -15,23 +15,28 @@ def tiny_llm(tiny_model_dir) -> LLM:
 
 
 def test_seeded_sampling_is_independent_of_the_batch(tiny_llm):
-    seeded = SamplingParams(temperature=1.0, top_p=0.95, seed=1234, max_new_tokens=20,
-                            ignore_eos=True)
+    seeded = SamplingParams(
+        temperature=1.0, top_p=0.95, seed=1234, max_new_tokens=20, ignore_eos=True
+    )
     alone = tiny_llm.generate([PROMPTS[0]], seeded)[0]
     others = [SamplingParams(temperature=0.8, seed=s, max_new_tokens=12) for s in (1, 2, 3)]
-    mixed = tiny_llm.generate([PROMPTS[1], PROMPTS[0], PROMPTS[2], PROMPTS[3]],
-                              [others[0], seeded, others[1], others[2]])
+    mixed = tiny_llm.generate(
+        [PROMPTS[1], PROMPTS[0], PROMPTS[2], PROMPTS[3]], [others[0], seeded, others[1], others[2]]
+    )
     assert mixed[1].token_ids == alone.token_ids
     assert len(set(alone.token_ids)) > 3, "sampling at temperature 1 should vary"
-    reseeded = tiny_llm.generate([PROMPTS[0]], SamplingParams(
-        temperature=1.0, top_p=0.95, seed=4321, max_new_tokens=20, ignore_eos=True))[0]
+    reseeded = tiny_llm.generate(
+        [PROMPTS[0]],
+        SamplingParams(temperature=1.0, top_p=0.95, seed=4321, max_new_tokens=20, ignore_eos=True),
+    )[0]
     assert reseeded.token_ids != alone.token_ids
 
 
 def test_top_k_one_equals_greedy(tiny_llm):
     greedy = tiny_llm.generate(PROMPTS, SamplingParams(max_new_tokens=16))
-    top1 = tiny_llm.generate(PROMPTS, SamplingParams(temperature=1.5, top_k=1, max_new_tokens=16,
-                                                     seed=3))
+    top1 = tiny_llm.generate(
+        PROMPTS, SamplingParams(temperature=1.5, top_k=1, max_new_tokens=16, seed=3)
+    )
     assert [o.token_ids for o in top1] == [o.token_ids for o in greedy]
 
 
@@ -39,8 +44,9 @@ def test_stop_token_id_ends_generation(tiny_llm):
     free = SamplingParams(max_new_tokens=16, ignore_eos=True)
     full = tiny_llm.generate([PROMPTS[0]], free)[0].token_ids
     k = next(i for i, t in enumerate(full) if i >= 2 and t not in full[:i])
-    out = tiny_llm.generate([PROMPTS[0]], SamplingParams(max_new_tokens=16, ignore_eos=True,
-                                                         stop_token_ids=[full[k]]))[0]
+    out = tiny_llm.generate(
+        [PROMPTS[0]], SamplingParams(max_new_tokens=16, ignore_eos=True, stop_token_ids=[full[k]])
+    )[0]
     assert out.token_ids == full[: k + 1]
     assert out.finish_reason == "stop"
 
@@ -60,15 +66,17 @@ def test_stop_string_cuts_text(default_llm):
     assert out.finish_reason == "stop"
     assert out.text == full.text[:cut]
     assert out.token_ids == full.token_ids[: len(out.token_ids)]
-    kept = default_llm.generate([prompt], SamplingParams(max_new_tokens=40, stop=stop,
-                                                         include_stop_str_in_output=True))[0]
+    kept = default_llm.generate(
+        [prompt], SamplingParams(max_new_tokens=40, stop=stop, include_stop_str_in_output=True)
+    )[0]
     assert kept.text == full.text[: cut + len(stop)]
 
 
 def test_abort_and_finish_free_every_block(tiny_llm):
     engine = tiny_llm.engine
-    ids = [engine.add_request(p, SamplingParams(max_new_tokens=30, ignore_eos=True))
-           for p in PROMPTS]
+    ids = [
+        engine.add_request(p, SamplingParams(max_new_tokens=30, ignore_eos=True)) for p in PROMPTS
+    ]
     for _ in range(3):
         engine.step()
     assert engine.allocator.num_free < engine.allocator.num_blocks

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_reference import hf_greedy
 from transformers import AutoModelForCausalLM
 
 from prefixserve import LLM, SamplingParams
+
+from hf_reference import hf_greedy
 
 CHAT_QUESTIONS = [
     "What is the capital of France?",
@@ -34,8 +35,9 @@ def _tiny_prompts(n: int = 7, vocab: int = 300) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def default_reference(default_llm: LLM) -> tuple[list[list[int]], list[list[int]]]:
-    prompts = [default_llm.apply_chat_template([{"role": "user", "content": q}])
-               for q in CHAT_QUESTIONS]
+    prompts = [
+        default_llm.apply_chat_template([{"role": "user", "content": q}]) for q in CHAT_QUESTIONS
+    ]
     model = AutoModelForCausalLM.from_pretrained(default_llm.engine.model_path, dtype=torch.float32)
     return prompts, hf_greedy(model, prompts, max_new_tokens=32)
 
@@ -83,8 +85,14 @@ def test_preemption_keeps_outputs(llama_reference):
 @pytest.mark.parametrize(("budget", "chunk"), [(6, None), (64, 5)])
 def test_chunked_prefill_keeps_outputs(llama_reference, budget, chunk):
     path, prompts, expected = llama_reference
-    llm = LLM(path, dtype="float32", block_size=4, num_kv_blocks=256,
-              max_num_batched_tokens=budget, long_prefill_token_threshold=chunk)
+    llm = LLM(
+        path,
+        dtype="float32",
+        block_size=4,
+        num_kv_blocks=256,
+        max_num_batched_tokens=budget,
+        long_prefill_token_threshold=chunk,
+    )
     schedule = llm.engine.scheduler.schedule
     chunks: list[int] = []
 

@@ -7,6 +7,13 @@ from itertools import pairwise
 
 import pytest
 import torch
+from transformers.generation.logits_process import (
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
 from prefixserve.sampler import (
     Sampler,
     apply_repetition_penalty,
@@ -14,12 +21,6 @@ from prefixserve.sampler import (
     request_generator,
 )
 from prefixserve.sampling_params import SamplingParams
-from transformers.generation.logits_process import (
-    MinPLogitsWarper,
-    RepetitionPenaltyLogitsProcessor,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
 
 SP = SamplingParams
 
