@@ -56,6 +56,7 @@ class AsyncEngine:
         prompt: Prompt,
         params: SamplingParams | None = None,
         request_id: str | None = None,
+        adapter: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Queue a request and yield its outputs as tokens arrive (the last has ``finished``).
 
@@ -73,7 +74,7 @@ class AsyncEngine:
                     f"{waiting} requests are already waiting (limit {self.max_waiting}); "
                     "retry later"
                 )
-            self.engine.add_request(prompt, params, request_id)
+            self.engine.add_request(prompt, params, request_id, adapter=adapter)
             self._streams[request_id] = (loop, stream)
 
         await self._call(add)

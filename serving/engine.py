@@ -10,15 +10,18 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .adapters import AdapterError, blocks_for, load_peft_adapter, text_adapter
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .kv_cache import BlockAllocator
 from .model_loader import load_model
-from .model_runner import ModelRunner, model_shape
+from .model_runner import ModelRunner
+from .prefix_store import AdapterInfo, PrefixStore
 from .request import FinishReason, Request, RequestOutput
 from .sampler import Sampler
 from .sampling_params import SamplingParams
@@ -60,12 +63,17 @@ class LLMEngine:
         self.config = config or EngineConfig()
         model, self.tokenizer, self.model_path = load_model(self.config.model)
         self.max_model_len = _max_model_len(model, self.config.model.max_model_len)
-        self.vocab_size = model_shape(model)[4]
         self.eos_token_ids = _eos_token_ids(model, self.tokenizer)
         self.runner = ModelRunner(model, self.config)
+        self.vocab_size = self.runner.shape.vocab_size
         self.allocator = BlockAllocator(self.runner.kv_cache.num_blocks)
         self.block_size = self.config.cache.block_size
-        self.scheduler = Scheduler(self.config.scheduler, self.allocator, self.block_size)
+        self.prefixes = PrefixStore(
+            self.allocator, self.block_size, self.runner.kv_cache.spec.bytes_per_block
+        )
+        self.scheduler = Scheduler(
+            self.config.scheduler, self.allocator, self.prefixes, self.block_size
+        )
         self.sampler = Sampler()
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
@@ -90,8 +98,10 @@ class LLMEngine:
         prompt: Prompt,
         params: SamplingParams | None = None,
         request_id: str | None = None,
+        adapter: str | None = None,
     ) -> str:
-        """Validate and queue a request; returns its id. Raises ``ValueError`` on bad input."""
+        """Validate and queue a request, optionally behind a loaded adapter's prefix; returns its
+        id. Raises ``ValueError`` on bad input (:class:`AdapterError` for adapter problems)."""
         params = params or SamplingParams()
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.requests:
@@ -99,7 +109,8 @@ class LLMEngine:
         token_ids = self.tokenize(prompt)
         if not token_ids:
             raise ValueError("prompt must not be empty (it has 0 tokens)")
-        self._check_fits(len(token_ids), params)
+        num_prefix = self.prefixes.get(adapter).num_tokens if adapter is not None else 0
+        self._check_fits(num_prefix, len(token_ids), params)
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
@@ -111,25 +122,57 @@ class LLMEngine:
             detokenizer=IncrementalDetokenizer(self.tokenizer, token_ids, params),
             generator=generator,
             eos_token_ids=frozenset() if params.ignore_eos else self.eos_token_ids,
+            prefix=self.prefixes.attach(adapter) if adapter is not None else None,
         )
         self.requests[request_id] = request
         self.scheduler.add(request)
         return request_id
 
-    def _check_fits(self, num_prompt_tokens: int, params: SamplingParams) -> None:
-        total = num_prompt_tokens + params.max_new_tokens
-        if total > self.max_model_len:
+    def _check_fits(self, num_prefix: int, num_prompt_tokens: int, params: SamplingParams) -> None:
+        own = num_prompt_tokens + params.max_new_tokens
+        if num_prefix + own > self.max_model_len:
+            adapter = f"adapter prefix ({num_prefix} tokens) + " if num_prefix else ""
             raise ValueError(
-                f"prompt ({num_prompt_tokens} tokens) + max_new_tokens ({params.max_new_tokens}) "
-                f"= {total} exceeds the context of {self.max_model_len} tokens"
+                f"{adapter}prompt ({num_prompt_tokens} tokens) + max_new_tokens "
+                f"({params.max_new_tokens}) = {num_prefix + own} exceeds the context of "
+                f"{self.max_model_len} tokens"
             )
-        blocks = -(-total // self.block_size)
+        blocks = blocks_for(own, self.block_size) + blocks_for(num_prefix, self.block_size)
         if blocks > self.allocator.num_blocks:
             raise ValueError(
-                f"prompt + max_new_tokens = {total} tokens needs {blocks} KV blocks but the pool "
-                f"has {self.allocator.num_blocks}; lower max_new_tokens or give the pool more "
-                "memory"
+                f"prefix + prompt + max_new_tokens = {num_prefix + own} tokens need {blocks} KV "
+                f"blocks but the pool has {self.allocator.num_blocks}; lower max_new_tokens or "
+                "give the pool more memory"
             )
+
+    # -- adapters -------------------------------------------------------------------------------
+
+    def load_adapter(
+        self, name: str, path: str | Path | None = None, text: str | None = None
+    ) -> AdapterInfo:
+        """Register a PEFT adapter directory (``path``) or a system prompt (``text``) as a prefix.
+        It is validated now and materialized in the pool on first use."""
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"adapter name must be a non-empty string, got {name!r}")
+        if (path is None) == (text is None):
+            raise ValueError(f"adapter {name!r}: give exactly one of path= or text=")
+        if name in self.prefixes.prefixes:
+            raise AdapterError(f"adapter {name!r} is already loaded; unload it first")
+        max_tokens = self.max_model_len - 2  # room for one prompt token and one new token
+        if path is not None:
+            adapter = load_peft_adapter(name, path, self.runner.shape, max_tokens)
+        else:
+            adapter = text_adapter(name, self.tokenize(str(text)), max_tokens)
+        self.prefixes.add(adapter)
+        return self.prefixes.info(name)
+
+    def unload_adapter(self, name: str) -> bool:
+        """Unload ``name``: now if no request holds it (True), else when the last one ends
+        (False); new requests for it are refused from now on."""
+        return self.prefixes.remove(name)
+
+    def list_adapters(self) -> list[AdapterInfo]:
+        return [self.prefixes.info(name) for name in self.prefixes.prefixes]
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and free its blocks; ``None`` if it is unknown or already done."""

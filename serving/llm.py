@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -10,6 +11,7 @@ from transformers import PreTrainedTokenizerBase
 
 from .config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from .engine import LLMEngine, Prompt
+from .prefix_store import AdapterInfo
 from .request import RequestOutput
 from .sampling_params import SamplingParams
 
@@ -59,19 +61,23 @@ class LLM:
         prompts: Prompt | Sequence[Prompt],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
+        adapter: str | Sequence[str | None] | None = None,
         use_tqdm: bool = False,
     ) -> list[RequestOutput]:
         """Generate for every prompt, batched by the engine; one output per prompt, in order.
 
         ``prompts``: a string (tokenized as given, no special tokens added), a list of token ids,
         or a list of either. ``params``: one ``SamplingParams`` for all or one per prompt.
+        ``adapter``: a loaded adapter's name for all prompts, or one name (or None) per prompt;
+        requests of different adapters share every step.
         """
         batch = self._as_batch(prompts)
         per_prompt = self._per_prompt(params, len(batch))
+        adapters = self._per_prompt_adapter(adapter, len(batch))
         ids: list[str] = []
         try:
-            for prompt, p in zip(batch, per_prompt):
-                ids.append(self.engine.add_request(prompt, p))
+            for prompt, p, name in zip(batch, per_prompt, adapters):
+                ids.append(self.engine.add_request(prompt, p, adapter=name))
             return self._run(ids, use_tqdm)
         except BaseException:
             for request_id in ids:
@@ -83,6 +89,7 @@ class LLM:
         conversations: Sequence[Message] | Sequence[Sequence[Message]],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
+        adapter: str | Sequence[str | None] | None = None,
         use_tqdm: bool = False,
     ) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation or a list of them, then generate."""
@@ -92,7 +99,7 @@ class LLM:
             else conversations
         )
         prompts = [self.apply_chat_template(c) for c in batch]  # type: ignore[arg-type]
-        return self.generate(prompts, params, use_tqdm=use_tqdm)
+        return self.generate(prompts, params, adapter=adapter, use_tqdm=use_tqdm)
 
     def apply_chat_template(self, messages: Sequence[Message]) -> list[int]:
         """Token ids of ``messages`` rendered with the model's chat template, ready to answer."""
@@ -102,6 +109,29 @@ class LLM:
             list(messages), add_generation_prompt=True, tokenize=False
         )
         return self.engine.tokenize(str(text))
+
+    def load_adapter(
+        self, name: str, path: str | Path | None = None, *, text: str | None = None
+    ) -> AdapterInfo:
+        """Load a PEFT prompt-learning adapter directory (prompt tuning, P-tuning, prefix tuning,
+        cartridge) or a text system prompt under ``name``; raises ``AdapterError`` if invalid."""
+        return self.engine.load_adapter(name, path, text)
+
+    def unload_adapter(self, name: str) -> bool:
+        """Unload now (True) or once its running requests end (False)."""
+        return self.engine.unload_adapter(name)
+
+    def list_adapters(self) -> list[AdapterInfo]:
+        """Kind, prefix length, sizes, residency and users of every loaded adapter."""
+        return self.engine.list_adapters()
+
+    @staticmethod
+    def _per_prompt_adapter(adapter: str | Sequence[str | None] | None, n: int) -> list[str | None]:
+        if adapter is None or isinstance(adapter, str):
+            return [adapter] * n
+        if len(adapter) != n:
+            raise ValueError(f"got {len(adapter)} adapters for {n} prompts")
+        return list(adapter)
 
     @staticmethod
     def _as_batch(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:

@@ -13,10 +13,13 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
+from .adapters import ModelShape
 from .attention import STEP_KWARG, StepContext, select_backend
 from .config import EngineConfig
+from .kernels import reference
 from .kernels.metadata import AttentionMetadata
 from .kv_cache import KVCachePool, KVCacheSpec, size_pool
+from .prefix_store import Prefix
 from .request import Request
 from .scheduler import SchedulerOutput
 
@@ -36,25 +39,21 @@ class ModelInput:
     """The R requests that sample a token after this step, in logits order."""
 
 
-def model_shape(model: PreTrainedModel) -> tuple[int, int, int, int, int]:
-    """``(num_layers, num_heads, num_kv_heads, head_dim, vocab_size)`` of a transformers model."""
-    cfg = model.config.get_text_config()
-    heads = cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    return cfg.num_hidden_layers, heads, kv_heads, head_dim, cfg.vocab_size
-
-
 class ModelRunner:
     """Owns the model, the KV pool and the attention backend; runs one step at a time."""
 
     def __init__(self, model: PreTrainedModel, config: EngineConfig) -> None:
         self.model = model
         self.device = config.model.torch_device
-        num_layers, _, kv_heads, head_dim, self.vocab_size = model_shape(model)
+        self.shape = ModelShape.of(model)
+        self.dtype = config.model.torch_dtype
         self.block_size = config.cache.block_size
         spec = KVCacheSpec(
-            num_layers, kv_heads, head_dim, self.block_size, config.model.torch_dtype
+            self.shape.num_layers,
+            self.shape.num_kv_heads,
+            self.shape.head_dim,
+            self.block_size,
+            self.dtype,
         )
         num_blocks = size_pool(
             spec,
@@ -76,32 +75,34 @@ class ModelRunner:
         own_lens: list[int] = []
         logits_indices: list[int] = []
         sampling: list[Request] = []
+        prefix_rows: dict[Prefix, int] = {}
+        prefix_ids: list[int] = []
         for request, n in zip(scheduled.requests, scheduled.num_new_tokens):
             start = request.num_computed_tokens
             own = np.arange(start, start + n)
             ids.extend(request.token_ids[start : start + n])
-            positions.append(own)
+            positions.append(own + request.num_prefix_tokens)
             slots.append(np.asarray(request.block_ids)[own // bs] * bs + own % bs)
             cu_q.append(cu_q[-1] + n)
             own_lens.append(start + n)
+            prefix = request.prefix
+            prefix_ids.append(
+                -1 if prefix is None else prefix_rows.setdefault(prefix, len(prefix_rows))
+            )
             if start + n == request.num_tokens:
                 logits_indices.append(cu_q[-1] - 1)
                 sampling.append(request)
-        width = max(len(r.block_ids) for r in scheduled.requests)
-        tables = np.zeros((len(scheduled.requests), width), dtype=np.int32)
-        for row, request in enumerate(scheduled.requests):
-            tables[row, : len(request.block_ids)] = request.block_ids
         meta = AttentionMetadata(
             cu_q_lens=torch.tensor(cu_q, dtype=torch.int32),
             own_lens=torch.tensor(own_lens, dtype=torch.int32),
-            block_tables=torch.from_numpy(tables),
+            block_tables=_pad_tables([r.block_ids for r in scheduled.requests]),
             slot_mapping=torch.from_numpy(np.concatenate(slots).astype(np.int64)),
-            prefix_ids=torch.full((len(own_lens),), -1, dtype=torch.int32),
-            prefix_lens=torch.zeros((0,), dtype=torch.int32),
-            prefix_block_tables=torch.zeros((0, 1), dtype=torch.int32),
+            prefix_ids=torch.tensor(prefix_ids, dtype=torch.int32),
+            prefix_lens=torch.tensor([p.num_tokens for p in prefix_rows], dtype=torch.int32),
+            prefix_block_tables=_pad_tables([p.block_ids for p in prefix_rows]),
             block_size=bs,
             max_q_len=max(scheduled.num_new_tokens),
-            max_kv_len=max(own_lens),
+            max_kv_len=max(r.num_prefix_tokens + n for r, n in zip(scheduled.requests, own_lens)),
         )
         return ModelInput(
             input_ids=torch.tensor(ids, dtype=torch.int64, device=self.device),
@@ -113,19 +114,79 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, scheduled: SchedulerOutput) -> tuple[torch.Tensor, list[Request]]:
-        """Run one step; returns ``(logits [R, V], the R requests that sample)``."""
+        """Fill new prefixes, then run one step; returns ``(logits [R, V], the R requests that
+        sample)``."""
+        for prefix in scheduled.materialize:
+            self.materialize(prefix)
         inputs = self.prepare(scheduled)
+        logits = self._forward(
+            inputs.meta, inputs.positions, inputs.logits_indices, input_ids=inputs.input_ids
+        )
+        return logits, inputs.sampling_requests
+
+    @torch.inference_mode()
+    def materialize(self, prefix: Prefix) -> None:
+        """Write an adapter's prefix K/V into its blocks: stored K/V are copied (no RoPE);
+        prompt embeddings and text are run through the model at positions 0..P-1."""
+        adapter, num = prefix.adapter, prefix.num_tokens
+        pos = np.arange(num)
+        slots = np.asarray(prefix.block_ids)[pos // self.block_size] * self.block_size
+        slot_mapping = torch.from_numpy(slots + pos % self.block_size).to(self.device)
+        if adapter.kv is not None:
+            kv = adapter.kv.to(self.device, self.kv_cache.spec.dtype)  # [L, 2, P, Hkv, D]
+            for layer in range(kv.shape[0]):
+                k_cache, v_cache = self.kv_cache.layer(layer)
+                reference.write_kv(kv[layer, 0], kv[layer, 1], k_cache, v_cache, slot_mapping)
+        else:
+            meta = AttentionMetadata(
+                cu_q_lens=torch.tensor([0, num], dtype=torch.int32),
+                own_lens=torch.tensor([num], dtype=torch.int32),
+                block_tables=_pad_tables([prefix.block_ids]),
+                slot_mapping=slot_mapping.cpu(),
+                prefix_ids=torch.tensor([-1], dtype=torch.int32),
+                prefix_lens=torch.zeros((0,), dtype=torch.int32),
+                prefix_block_tables=_pad_tables([]),
+                block_size=self.block_size,
+                max_q_len=num,
+                max_kv_len=num,
+            )
+            positions = torch.arange(num, device=self.device)
+            no_logits = torch.zeros((0,), dtype=torch.int64, device=self.device)
+            if adapter.embeddings is not None:
+                embeds = adapter.embeddings.to(self.device, self.dtype)
+                self._forward(meta.to(self.device), positions, no_logits, inputs_embeds=embeds)
+            else:
+                ids = torch.tensor(adapter.token_ids, dtype=torch.int64, device=self.device)
+                self._forward(meta.to(self.device), positions, no_logits, input_ids=ids)
+        prefix.materialized = True
+
+    def _forward(
+        self,
+        meta: AttentionMetadata,
+        positions: torch.Tensor,
+        logits_indices: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One packed forward pass; returns logits ``[R, V]`` at ``logits_indices``."""
         step = StepContext(
-            meta=inputs.meta,
-            kv_cache=self.kv_cache,
-            backend=self.backend,
-            plan=self.backend.plan(inputs.meta),
+            meta=meta, kv_cache=self.kv_cache, backend=self.backend, plan=self.backend.plan(meta)
         )
         output = self.model(
-            input_ids=inputs.input_ids[None],
-            position_ids=inputs.positions[None],
-            logits_to_keep=inputs.logits_indices,
+            input_ids=None if input_ids is None else input_ids[None],
+            inputs_embeds=None if inputs_embeds is None else inputs_embeds[None],
+            position_ids=positions[None],
+            logits_to_keep=logits_indices,
             use_cache=False,
             **{STEP_KWARG: step},
         )
-        return output.logits[0], inputs.sampling_requests
+        return output.logits[0]
+
+
+def _pad_tables(tables: list[list[int]]) -> torch.Tensor:
+    """Block tables as one int32 tensor ``[len(tables), max(1, longest)]``, padded with 0."""
+    width = max([len(t) for t in tables] + [1])
+    out = np.zeros((len(tables), width), dtype=np.int32)
+    for row, table in enumerate(tables):
+        out[row, : len(table)] = table
+    return torch.from_numpy(out)

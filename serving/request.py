@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     import torch
 
     from .detokenizer import IncrementalDetokenizer
+    from .prefix_store import Prefix
     from .sampler import TokenLogprobs
     from .sampling_params import SamplingParams
 
@@ -41,6 +42,10 @@ class Request:
     num_prompt_tokens: int
     detokenizer: IncrementalDetokenizer
     generator: torch.Generator | None = None
+    prefix: Prefix | None = None
+    """The adapter's prefix this request reads (its tokens start at position P), or None."""
+    prefix_pinned: bool = False
+    """Whether this request currently pins its prefix in the pool (while running)."""
     eos_token_ids: frozenset[int] = frozenset()
     arrival_time: float = field(default_factory=time.monotonic)
     status: RequestStatus = RequestStatus.WAITING
@@ -64,9 +69,8 @@ class Request:
         return self.token_ids[self.num_prompt_tokens :]
 
     @property
-    def max_total_tokens(self) -> int:
-        """Tokens this request may hold at most: its prompt plus every token it may generate."""
-        return self.num_prompt_tokens + self.params.max_new_tokens
+    def num_prefix_tokens(self) -> int:
+        return self.prefix.num_tokens if self.prefix is not None else 0
 
     @property
     def is_finished(self) -> bool:

@@ -3,8 +3,10 @@
 There is no prefill or decode phase: every step, each running request's computed-token count
 catches up with its token count as far as the budget allows (a decode is one token, a prefill
 chunk many), running requests first in arrival order, then waiting requests in arrival order.
-When blocks run out, the most recently admitted running request is preempted: its blocks are
-freed and it goes back to the front of the queue to recompute its tokens later.
+When blocks run out, unused adapter prefixes are evicted first; then the most recently admitted
+running request is preempted: its blocks are freed, its prefix unpinned, and it goes back to the
+front of the queue to recompute its tokens later. A request is admitted only when blocks exist
+for its prefix (shared, materialized once) and its first chunk.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass, field
 
 from .config import SchedulerConfig
 from .kv_cache import BlockAllocator
+from .prefix_store import Prefix, PrefixStore
 from .request import FinishReason, Request, RequestStatus
 
 
@@ -24,6 +27,8 @@ class SchedulerOutput:
     requests: list[Request] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    materialize: list[Prefix] = field(default_factory=list)
+    """Prefixes that got blocks this step and must be filled before the forward pass."""
 
     @property
     def total_tokens(self) -> int:
@@ -37,9 +42,16 @@ class SchedulerOutput:
 class Scheduler:
     """Decides which requests run each step and owns their block allocation."""
 
-    def __init__(self, config: SchedulerConfig, allocator: BlockAllocator, block_size: int) -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        allocator: BlockAllocator,
+        prefix_store: PrefixStore,
+        block_size: int,
+    ) -> None:
         self.config = config
         self.allocator = allocator
+        self.prefix_store = prefix_store
         self.block_size = block_size
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -76,7 +88,10 @@ class Scheduler:
         ):
             request = self.waiting[0]
             n = self._chunk(request, budget)
+            if not self._pin_prefix(request):
+                break
             if not self._allocate(request, n):
+                self._unpin_prefix(request)
                 break
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
@@ -84,6 +99,9 @@ class Scheduler:
             out.requests.append(request)
             out.num_new_tokens.append(n)
             budget -= n
+        out.materialize = list(
+            {r.prefix: None for r in out.requests if r.prefix and not r.prefix.materialized}
+        )
         return out
 
     def finish(self, request: Request, reason: FinishReason) -> None:
@@ -93,6 +111,8 @@ class Scheduler:
         elif request.status is RequestStatus.WAITING:
             self.waiting.remove(request)
         self._free(request)
+        if request.prefix is not None:
+            self.prefix_store.detach(request.prefix)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
 
@@ -108,9 +128,10 @@ class Scheduler:
         needed = -(-total // self.block_size) - len(request.block_ids)
         if needed <= 0:
             return True
-        blocks = self.allocator.allocate(needed)
-        if blocks is None:
+        if not self.prefix_store.make_room(needed):
             return False
+        blocks = self.allocator.allocate(needed)
+        assert blocks is not None, "make_room guaranteed the blocks"
         request.block_ids.extend(blocks)
         return True
 
@@ -125,3 +146,15 @@ class Scheduler:
     def _free(self, request: Request) -> None:
         self.allocator.free(request.block_ids)
         request.block_ids = []
+        self._unpin_prefix(request)
+
+    def _pin_prefix(self, request: Request) -> bool:
+        if request.prefix is None or request.prefix_pinned:
+            return True
+        request.prefix_pinned = self.prefix_store.acquire(request.prefix)
+        return request.prefix_pinned
+
+    def _unpin_prefix(self, request: Request) -> None:
+        if request.prefix is not None and request.prefix_pinned:
+            self.prefix_store.release(request.prefix)
+            request.prefix_pinned = False

@@ -108,3 +108,51 @@ def default_llm():
     from prefixserve import LLM
 
     return LLM(dtype="float32")
+
+
+PEFT_KINDS = ("prompt_tuning", "p_tuning", "prefix_tuning", "prefix_projection", "cartridge")
+
+
+def peft_config(kind: str, num_virtual_tokens: int):
+    """A PEFT prompt-learning config of ``kind`` for a causal LM."""
+    import peft
+
+    common = {"task_type": "CAUSAL_LM", "num_virtual_tokens": num_virtual_tokens}
+    if kind == "prompt_tuning":
+        return peft.PromptTuningConfig(**common)
+    if kind == "p_tuning":
+        return peft.PromptEncoderConfig(encoder_hidden_size=32, **common)
+    if kind == "prefix_tuning":
+        return peft.PrefixTuningConfig(**common)
+    if kind == "prefix_projection":
+        return peft.PrefixTuningConfig(prefix_projection=True, encoder_hidden_size=32, **common)
+    if kind == "cartridge":
+        return peft.CartridgeConfig(**common)
+    raise ValueError(kind)
+
+
+@pytest.fixture(scope="session")
+def peft_adapter_dir(tmp_path_factory: pytest.TempPathFactory):
+    """Factory: ``peft_adapter_dir(model_dir, kind, num_virtual_tokens, seed)`` -> a saved PEFT
+    adapter with random (non-trivial) weights for the model at ``model_dir``."""
+    import peft
+
+    cache: dict[tuple, Path] = {}
+
+    def make(model_dir: Path, kind: str, num_virtual_tokens: int, seed: int = 0) -> Path:
+        key = (str(model_dir), kind, num_virtual_tokens, seed)
+        if key in cache:
+            return cache[key]
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        torch.manual_seed(seed)
+        model = peft.get_peft_model(base, peft_config(kind, num_virtual_tokens))
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if param.requires_grad:  # only the adapter's own parameters
+                    param.normal_(0.0, 0.5 if "prefix" in kind or kind == "cartridge" else 0.1)
+        path = tmp_path_factory.mktemp(f"adapter-{kind}-{num_virtual_tokens}")
+        model.save_pretrained(path)
+        cache[key] = path
+        return path
+
+    return make

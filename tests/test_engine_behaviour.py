@@ -119,7 +119,7 @@ def test_invalid_requests_fail_alone(tiny_llm):
         engine.add_request([5] * 500, SamplingParams(max_new_tokens=13))
     with pytest.raises(ValueError, match=r"token ids must be ints in \[0, "):
         engine.add_request([5, 10**6], SamplingParams())
-    with pytest.raises(ValueError, match="needs 33 KV blocks but the pool has 32"):
+    with pytest.raises(ValueError, match="need 33 KV blocks but the pool has 32"):
         small = LLM(str(engine.model_path), dtype="float32", block_size=4, num_kv_blocks=32)
         small.engine.add_request([5] * 100, SamplingParams(max_new_tokens=29))
     assert not engine.requests and engine.allocator.num_free == engine.allocator.num_blocks

@@ -1,0 +1,192 @@
+"""Adapters' prefix K/V as shared, read-only blocks of the paged pool.
+
+A loaded adapter is a :class:`Prefix`. Every request naming it holds a reference from the moment
+it is accepted until it ends (``requests``); running requests also pin it (``users``). An unpinned
+prefix stays resident until the pool needs blocks, then the least recently used is evicted; the
+adapter's host copy stays, so an evicted prefix is materialized again on its next use. Unloading
+an adapter that requests still hold takes effect when the last of them ends.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+from .adapters import Adapter, AdapterError, blocks_for
+from .kv_cache import BlockAllocator
+
+
+@dataclass(slots=True, eq=False)
+class Prefix:
+    adapter: Adapter
+    block_ids: list[int] = field(default_factory=list)
+    """Shared blocks holding the prefix K/V; empty while not resident."""
+    materialized: bool = False
+    """Whether ``block_ids`` hold the K/V yet (set by the model runner)."""
+    requests: int = 0
+    """Accepted, unfinished requests naming this adapter (it cannot be unloaded while > 0)."""
+    users: int = 0
+    """Running requests reading this prefix (it cannot be evicted while > 0)."""
+    last_used: int = 0
+    unloading: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.adapter.name
+
+    @property
+    def num_tokens(self) -> int:
+        return self.adapter.num_tokens
+
+    @property
+    def resident(self) -> bool:
+        return bool(self.block_ids)
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterInfo:
+    """What ``list_adapters`` reports about one adapter."""
+
+    name: str
+    kind: str
+    num_tokens: int
+    """P, the prefix length in tokens."""
+    host_bytes: int
+    """Size of the host copy kept for re-materialization."""
+    kv_bytes: int
+    """Size of the prefix's K/V blocks in the pool (when resident)."""
+    resident: bool
+    requests: int
+    """Unfinished requests using it."""
+    unloading: bool
+
+
+@dataclass(slots=True)
+class PrefixStats:
+    hits: int = 0
+    """Acquisitions that found the prefix resident."""
+    materializations: int = 0
+    evictions: int = 0
+
+
+class PrefixStore:
+    """Owns every loaded adapter's prefix and its blocks in the shared pool."""
+
+    def __init__(self, allocator: BlockAllocator, block_size: int, bytes_per_block: int) -> None:
+        self.allocator = allocator
+        self.block_size = block_size
+        self.bytes_per_block = bytes_per_block
+        self.prefixes: dict[str, Prefix] = {}
+        self.stats = PrefixStats()
+        self._clock = itertools.count(1)
+
+    def add(self, adapter: Adapter) -> Prefix:
+        if adapter.name in self.prefixes:
+            raise AdapterError(f"adapter {adapter.name!r} is already loaded; unload it first")
+        blocks = blocks_for(adapter.num_tokens, self.block_size)
+        if blocks > self.allocator.num_blocks:
+            raise AdapterError(
+                f"adapter {adapter.name!r}: its {adapter.num_tokens} tokens need {blocks} KV "
+                f"blocks but the pool has {self.allocator.num_blocks}"
+            )
+        prefix = Prefix(adapter)
+        self.prefixes[adapter.name] = prefix
+        return prefix
+
+    def get(self, name: str) -> Prefix:
+        """The usable prefix named ``name``; ``AdapterError`` if unknown or being unloaded."""
+        prefix = self.prefixes.get(name)
+        if prefix is None:
+            raise AdapterError(f"adapter {name!r} is not loaded")
+        if prefix.unloading:
+            raise AdapterError(f"adapter {name!r} is being unloaded and takes no new requests")
+        return prefix
+
+    def info(self, name: str) -> AdapterInfo:
+        prefix = self.prefixes[name]
+        return AdapterInfo(
+            name=name,
+            kind=prefix.adapter.kind.value,
+            num_tokens=prefix.num_tokens,
+            host_bytes=prefix.adapter.host_bytes,
+            kv_bytes=blocks_for(prefix.num_tokens, self.block_size) * self.bytes_per_block,
+            resident=prefix.resident,
+            requests=prefix.requests,
+            unloading=prefix.unloading,
+        )
+
+    def remove(self, name: str) -> bool:
+        """Unload ``name`` now, or when its last user lets go; True if it is gone already."""
+        prefix = self.prefixes.get(name)
+        if prefix is None:
+            raise AdapterError(f"adapter {name!r} is not loaded")
+        prefix.unloading = True
+        if prefix.requests == 0:
+            self._drop(prefix)
+            return True
+        return False
+
+    def attach(self, name: str) -> Prefix:
+        """A new request names adapter ``name``: hold a reference until :meth:`detach`."""
+        prefix = self.get(name)
+        prefix.requests += 1
+        return prefix
+
+    def detach(self, prefix: Prefix) -> None:
+        """A request naming ``prefix`` ended; an unloading prefix goes with its last request."""
+        assert prefix.requests > 0, f"prefix {prefix.name!r} detached more often than attached"
+        prefix.requests -= 1
+        if prefix.requests == 0 and prefix.unloading:
+            self._drop(prefix)
+
+    def acquire(self, prefix: Prefix) -> bool:
+        """Pin ``prefix`` for one more request, making it resident (evicting LRU unused
+        prefixes if needed). False if the pool has no room for it now."""
+        if not prefix.resident:
+            needed = blocks_for(prefix.num_tokens, self.block_size)
+            if not self.make_room(needed, keep=prefix):
+                return False
+            prefix.block_ids = self.allocator.allocate(needed) or []
+            prefix.materialized = False
+            self.stats.materializations += 1
+        else:
+            self.stats.hits += 1
+        prefix.users += 1
+        prefix.last_used = next(self._clock)
+        return True
+
+    def release(self, prefix: Prefix) -> None:
+        """Unpin ``prefix`` for one request (it stays resident until evicted)."""
+        assert prefix.users > 0, f"prefix {prefix.name!r} released more often than acquired"
+        prefix.users -= 1
+
+    def make_room(self, num_blocks: int, keep: Prefix | None = None) -> bool:
+        """Evict unused resident prefixes, least recently used first, until ``num_blocks``
+        blocks are free. False if that is impossible."""
+        if self.allocator.num_free >= num_blocks:
+            return True
+        idle = sorted(
+            (p for p in self.prefixes.values() if p.resident and p.users == 0 and p is not keep),
+            key=lambda p: p.last_used,
+        )
+        for prefix in idle:
+            self._evict(prefix)
+            if self.allocator.num_free >= num_blocks:
+                return True
+        return False
+
+    @property
+    def resident_blocks(self) -> int:
+        return sum(len(p.block_ids) for p in self.prefixes.values())
+
+    def _evict(self, prefix: Prefix) -> None:
+        self.allocator.free(prefix.block_ids)
+        prefix.block_ids = []
+        prefix.materialized = False
+        self.stats.evictions += 1
+
+    def _drop(self, prefix: Prefix) -> None:
+        if prefix.resident:
+            self.allocator.free(prefix.block_ids)
+            prefix.block_ids = []
+        del self.prefixes[prefix.name]
