@@ -14,8 +14,13 @@ from prefixserve import LLM, SamplingParams
 PROMPTS = [[5, 9, 33, 7], [11, 12, 13, 14, 15, 16, 17, 18, 19], [100]]
 NEW = 12
 # kind -> prefix length: odd lengths, shorter and longer than a block of 4
-LENGTHS = {"prompt_tuning": 5, "p_tuning": 3, "prefix_tuning": 7, "prefix_projection": 4,
-           "cartridge": 9}
+LENGTHS = {
+    "prompt_tuning": 5,
+    "p_tuning": 3,
+    "prefix_tuning": 7,
+    "prefix_projection": 4,
+    "cartridge": 9,
+}
 SYSTEM = "Prefix tuning learns a key and value prefix."
 
 
@@ -52,8 +57,11 @@ def test_mixed_batch_equals_each_alone(setup):
     names = [*PEFT_KINDS, "text", None]
     batch = [(name, i) for name in names for i in range(len(PROMPTS))]
     batch = batch[::2] + batch[1::2]  # interleave adapters inside the batch
-    outputs = llm.generate([PROMPTS[i] for _, i in batch], SamplingParams(max_new_tokens=NEW),
-                           adapter=[name for name, _ in batch])
+    outputs = llm.generate(
+        [PROMPTS[i] for _, i in batch],
+        SamplingParams(max_new_tokens=NEW),
+        adapter=[name for name, _ in batch],
+    )
     for (name, i), out in zip(batch, outputs):
         assert out.token_ids == expected[name][i], name
     assert llm.engine.allocator.num_used == llm.engine.prefixes.resident_blocks
@@ -64,8 +72,10 @@ def test_concurrent_requests_share_one_prefix(setup, n):
     llm, _, _ = setup
     engine = llm.engine
     prefix = engine.prefixes.prefixes["cartridge"]
-    ids = [engine.add_request([7] * 6, SamplingParams(max_new_tokens=3), adapter="cartridge")
-           for _ in range(n)]
+    ids = [
+        engine.add_request([7] * 6, SamplingParams(max_new_tokens=3), adapter="cartridge")
+        for _ in range(n)
+    ]
     engine.step()
     own = sum(len(engine.requests[i].block_ids) for i in ids)
     others = engine.prefixes.resident_blocks - len(prefix.block_ids)
