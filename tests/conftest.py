@@ -147,7 +147,7 @@ def peft_adapter_dir(tmp_path_factory: pytest.TempPathFactory):
         torch.manual_seed(seed)
         model = peft.get_peft_model(base, peft_config(kind, num_virtual_tokens))
         with torch.no_grad():
-            for name, param in model.named_parameters():
+            for param in model.parameters():
                 if param.requires_grad:  # only the adapter's own parameters
                     param.normal_(0.0, 0.5 if "prefix" in kind or kind == "cartridge" else 0.1)
         path = tmp_path_factory.mktemp(f"adapter-{kind}-{num_virtual_tokens}")

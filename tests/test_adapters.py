@@ -1,15 +1,16 @@
-"""Adapters as shared prefix KVs: exact against PEFT, mixed in one batch, shared, evicted, unloaded."""
+"""Adapters as shared prefix KVs: exact against PEFT, mixed in one batch, shared once."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import PEFT_KINDS
-from hf_reference import hf_greedy
-from peft_reference import peft_greedy
 from transformers import AutoModelForCausalLM
 
 from prefixserve import LLM, SamplingParams
+
+from conftest import PEFT_KINDS
+from hf_reference import hf_greedy
+from peft_reference import peft_greedy
 
 PROMPTS = [[5, 9, 33, 7], [11, 12, 13, 14, 15, 16, 17, 18, 19], [100]]
 NEW = 12
