@@ -64,16 +64,28 @@ def prefill_tiles(gqa: int, head_dim: int) -> TileConfig:
 
 
 def decode_tiles(gqa: int, head_dim: int) -> TileConfig:
-    """Decode tile: the ``gqa`` heads of one kv head, padded to >= 16 rows."""
-    block_n = 32 if INTERPRET else (64 if head_dim <= 128 else 32)
-    return TileConfig(block_m=max(16, triton.next_power_of_2(gqa)), block_n=block_n, num_stages=2)
+    """Decode tile: the ``gqa`` heads of one kv head, padded to >= 16 rows. 8 warps from
+    head_dim 128 up: with 4 the gathered K/V tiles spill registers (sm_90, Triton 3.9)."""
+    if INTERPRET:
+        return TileConfig(block_m=max(16, triton.next_power_of_2(gqa)), block_n=32)
+    return TileConfig(
+        block_m=max(16, triton.next_power_of_2(gqa)),
+        block_n=64 if head_dim <= 128 else 32,
+        num_warps=8 if head_dim > 64 else 4,
+        num_stages=2,
+    )
 
 
 def group_tiles(gqa: int, head_dim: int) -> TileConfig:
     """Grouped-prefix tile: ``block_m // gqa`` requests of one group times their ``gqa`` heads."""
     if INTERPRET:
         return TileConfig(block_m=max(32, 4 * triton.next_power_of_2(gqa)), block_n=32)
-    return TileConfig(block_m=max(64, triton.next_power_of_2(gqa)), block_n=64, num_stages=2)
+    return TileConfig(
+        block_m=max(64, triton.next_power_of_2(gqa)),
+        block_n=64 if head_dim <= 128 else 32,
+        num_warps=8 if head_dim > 64 else 4,
+        num_stages=2,
+    )
 
 
 @dataclass(slots=True)

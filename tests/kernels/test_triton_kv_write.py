@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from prefixserve.kernels import reference
 from prefixserve.kernels.triton_kv_write import write_kv
 

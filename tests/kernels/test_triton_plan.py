@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from prefixserve.kernels.testing import make_scenario
 from prefixserve.kernels.triton_plan import DispatchRule, _num_splits, plan_step
 
