@@ -100,16 +100,13 @@ def paged_prefix_attention(
     keys = k_cache.view(-1, num_kv_heads, head_dim)[plan.kv_slots]  # [B, L, Hkv, D]
     values = v_cache.view(-1, num_kv_heads, head_dim)[plan.kv_slots]
     q = query[plan.q_index]  # [B, Q, Hq, D]
-    groups = query.shape[1] // num_kv_heads
-    if groups > 1:
-        keys = keys.repeat_interleave(groups, dim=2)
-        values = values.repeat_interleave(groups, dim=2)
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2),
         keys.transpose(1, 2).to(q.dtype),
         values.transpose(1, 2).to(q.dtype),
         attn_mask=plan.mask,
         scale=scale,
+        enable_gqa=query.shape[1] != num_kv_heads,
     )  # [B, Hq, Q, D]
     return out.transpose(1, 2)[plan.q_valid]
 
