@@ -22,19 +22,14 @@ from .triton_common import INTERPRET, num_sms
 
 @dataclass(frozen=True, slots=True)
 class DispatchRule:
-    """Knobs of the decode dispatch and of KV splitting (defaults are estimates; re-measure with
-    ``benchmarks/kernels/bench_attention.py`` on the target GPU).
-
-    Decode dispatch: plain decode reads ``sum_b (P_b + N_b)`` cached tokens (prefix + own); grouped
-    decode reads each group's prefix once per row tile (``ceil(size_g * G / group_block_m)`` times
-    for a group of ``size_g`` requests and ``G`` query heads per kv head) plus every own part, and
-    costs one extra launch plus a merge. Grouped is chosen when the tokens it saves are at least
-    ``min_saved_fraction`` of what plain decode reads **and** at least ``min_saved_tokens`` (the
-    extra launch costs a few microseconds, i.e. several MB of reads at HBM speed).
-    """
+    """Knobs of the decode dispatch (:func:`prefer_grouped`) and of KV splitting. The defaults
+    are estimates, not measurements: re-measure with ``benchmarks/kernels/bench_attention.py``
+    (table (b) says whether the rule picked the faster kernel) on the target GPU."""
 
     min_saved_fraction: float = 0.2
+    """Grouped only if it saves this fraction of the KV tokens plain decode reads..."""
     min_saved_tokens: int = 4096
+    """...and at least this many tokens (per layer; each token is ``2 * Hkv * D`` elements)."""
     waves: float = 2.0
     """KV splitting aims for ``waves * num_SMs`` programs when the batch alone gives fewer."""
     min_split_tokens: int = 256
@@ -158,7 +153,31 @@ class StepPlan:
         return self.num_q_heads > 0
 
 
+def prefer_grouped(plain_tokens: int, grouped_tokens: int, rule: DispatchRule) -> bool:
+    """The decode dispatch rule: grouped shared-prefix decode or plain decode?
+
+    Plain decode reads ``plain_tokens = sum_b (P_b + N_b)`` cached tokens (each request's prefix
+    and own keys). Grouped decode reads each group's prefix once per row tile, i.e.
+    ``ceil(size_g * G / block_m)`` times for a group of ``size_g`` requests with ``G`` query heads
+    per kv head (``block_m`` = 64 rows on a GPU), plus every request's own tokens:
+    ``grouped_tokens = sum_g P_g * ceil(size_g * G / block_m) + sum_b N_b``. It pays one more
+    launch and a log-sum-exp merge (a few microseconds, i.e. several MB of HBM reads). So::
+
+        saved = plain_tokens - grouped_tokens
+        grouped  iff  saved >= min_saved_fraction * plain_tokens  and  saved >= min_saved_tokens
+
+    Hence: groups of one, or prefixes short next to the own contexts, stay plain; a long prefix
+    shared by a few requests goes grouped (e.g. 16 requests on a 2k prefix with 100 own tokens:
+    plain 33.6k tokens, grouped 2k + 1.6k).
+    """
+    saved = plain_tokens - grouped_tokens
+    return saved >= rule.min_saved_fraction * plain_tokens and saved >= rule.min_saved_tokens
+
+
 def _num_splits(programs: int, max_len: int, sms: int, rule: DispatchRule) -> int:
+    """KV splits for a decode launch of ``programs`` (request or row tile, kv head) programs:
+    none when they already fill ``waves * sms``, else enough to, with >= ``min_split_tokens``
+    keys each and at most ``max_splits``."""
     target = int(rule.waves * sms)
     if programs >= target or max_len <= rule.min_split_tokens:
         return 1
@@ -277,12 +296,9 @@ def specialize(plan: StepPlan, num_q_heads: int, num_kv_heads: int, head_dim: in
     kv_lens = host.request_prefix_lens + host.own_lens
     plain_tokens = int(kv_lens.sum())
     grouped_tokens = int(tile_len.sum() + host.own_lens.sum())
-    saved = plain_tokens - grouped_tokens
     plan.stats = {"plain_tokens": plain_tokens, "grouped_tokens": grouped_tokens}
     grouped = plan.decode_mode == "grouped" or (
-        plan.decode_mode == "auto"
-        and saved >= rule.min_saved_fraction * plain_tokens
-        and saved >= rule.min_saved_tokens
+        plan.decode_mode == "auto" and prefer_grouped(plain_tokens, grouped_tokens, rule)
     )
     if not grouped:
         plan.mode = "decode"
