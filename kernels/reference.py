@@ -47,6 +47,8 @@ class GatherPlan:
     """(B, Q) bool: which padded query rows are real."""
     mask: torch.Tensor
     """(B, 1, Q, L) bool: True where query i may attend to key j."""
+    slot_mapping: torch.Tensor
+    """(T,) int64: where this step's K/V are written."""
 
 
 def build_gather_plan(meta: AttentionMetadata) -> GatherPlan:
@@ -81,7 +83,13 @@ def build_gather_plan(meta: AttentionMetadata) -> GatherPlan:
     mask = visible & kv_valid[:, None, :]
     # Padded query rows attend to one valid key so SDPA returns finite values; they are dropped.
     mask = mask | (~q_valid[:, :, None] & (j == 0)[:, None, :])
-    return GatherPlan(kv_slots=kv_slots, q_index=q_index, q_valid=q_valid, mask=mask[:, None])
+    return GatherPlan(
+        kv_slots=kv_slots,
+        q_index=q_index,
+        q_valid=q_valid,
+        mask=mask[:, None],
+        slot_mapping=meta.slot_mapping,
+    )
 
 
 def paged_prefix_attention(

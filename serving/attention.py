@@ -30,8 +30,9 @@ class AttentionBackend(Protocol):
 
     name: str
 
-    def plan(self, meta: AttentionMetadata) -> Any:
-        """Layer-independent preparation, done once per step."""
+    def plan(self, meta: AttentionMetadata, device: torch.device) -> Any:
+        """Layer-independent preparation, once per step, from host-side ``meta``; the plan
+        holds whatever the layers need on ``device`` (including the slot mapping)."""
 
     def write_kv(
         self,
@@ -39,9 +40,9 @@ class AttentionBackend(Protocol):
         value: torch.Tensor,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
-        meta: AttentionMetadata,
+        plan: Any,
     ) -> None:
-        """Store ``key, value [T, Hkv, D]`` at ``meta.slot_mapping``."""
+        """Store this step's ``key, value [T, Hkv, D]`` in the pool."""
 
     def attend(
         self,
@@ -59,8 +60,8 @@ class TorchBackend:
 
     name = "torch"
 
-    def plan(self, meta: AttentionMetadata) -> reference.GatherPlan:
-        return reference.build_gather_plan(meta)
+    def plan(self, meta: AttentionMetadata, device: torch.device) -> reference.GatherPlan:
+        return reference.build_gather_plan(meta.to(device) if device.type != "cpu" else meta)
 
     def write_kv(
         self,
@@ -68,9 +69,9 @@ class TorchBackend:
         value: torch.Tensor,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
-        meta: AttentionMetadata,
+        plan: reference.GatherPlan,
     ) -> None:
-        reference.write_kv(key, value, k_cache, v_cache, meta.slot_mapping)
+        reference.write_kv(key, value, k_cache, v_cache, plan.slot_mapping)
 
     def attend(
         self,
@@ -84,7 +85,8 @@ class TorchBackend:
 
 
 def select_backend(requested: str | None, device: torch.device) -> AttentionBackend:
-    """``requested`` or $PREFIXSERVE_ATTENTION, else Triton on CUDA and the reference on CPU."""
+    """``requested`` or $PREFIXSERVE_ATTENTION, else Triton on CUDA and the reference on CPU.
+    Triton on CPU runs under the Triton interpreter (switched on here; slow, for tests)."""
     name = (
         requested
         or os.environ.get("PREFIXSERVE_ATTENTION")
@@ -95,7 +97,7 @@ def select_backend(requested: str | None, device: torch.device) -> AttentionBack
     if name == "triton":
         from .triton_backend import TritonBackend
 
-        return TritonBackend(device)
+        return TritonBackend()
     raise ValueError(f"PREFIXSERVE_ATTENTION must be 'torch' or 'triton', got {name!r}")
 
 
@@ -103,7 +105,6 @@ def select_backend(requested: str | None, device: torch.device) -> AttentionBack
 class StepContext:
     """Everything a layer's attention call needs for this step."""
 
-    meta: AttentionMetadata
     kv_cache: KVCachePool
     backend: AttentionBackend
     plan: Any
@@ -128,7 +129,7 @@ def prefixserve_attention(
         )
     k_cache, v_cache = step.kv_cache.layer(module.layer_idx)  # type: ignore[arg-type]
     step.backend.write_kv(
-        key[0].transpose(0, 1), value[0].transpose(0, 1), k_cache, v_cache, step.meta
+        key[0].transpose(0, 1), value[0].transpose(0, 1), k_cache, v_cache, step.plan
     )
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     out = step.backend.attend(query[0].transpose(0, 1), k_cache, v_cache, step.plan, scale)

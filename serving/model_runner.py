@@ -33,6 +33,7 @@ class ModelInput:
     positions: torch.Tensor
     """(T,) int64: each token's position (prefix length + own index)."""
     meta: AttentionMetadata
+    """Host-side metadata (the backend's plan moves what it needs to the device)."""
     logits_indices: torch.Tensor
     """(R,) int64: packed index of the last token of each request that samples this step."""
     sampling_requests: list[Request]
@@ -107,7 +108,7 @@ class ModelRunner:
         return ModelInput(
             input_ids=torch.tensor(ids, dtype=torch.int64, device=self.device),
             positions=torch.from_numpy(np.concatenate(positions)).to(self.device),
-            meta=meta.to(self.device) if self.device.type != "cpu" else meta,
+            meta=meta,
             logits_indices=torch.tensor(logits_indices, dtype=torch.int64, device=self.device),
             sampling_requests=sampling,
         )
@@ -131,9 +132,10 @@ class ModelRunner:
         adapter, num = prefix.adapter, prefix.num_tokens
         pos = np.arange(num)
         slots = np.asarray(prefix.block_ids)[pos // self.block_size] * self.block_size
-        slot_mapping = torch.from_numpy(slots + pos % self.block_size).to(self.device)
+        slot_mapping = torch.from_numpy(slots + pos % self.block_size)
         if adapter.kv is not None:
             kv = adapter.kv.to(self.device, self.kv_cache.spec.dtype)  # [L, 2, P, Hkv, D]
+            slot_mapping = slot_mapping.to(self.device)
             for layer in range(kv.shape[0]):
                 k_cache, v_cache = self.kv_cache.layer(layer)
                 reference.write_kv(kv[layer, 0], kv[layer, 1], k_cache, v_cache, slot_mapping)
@@ -142,7 +144,7 @@ class ModelRunner:
                 cu_q_lens=torch.tensor([0, num], dtype=torch.int32),
                 own_lens=torch.tensor([num], dtype=torch.int32),
                 block_tables=_pad_tables([prefix.block_ids]),
-                slot_mapping=slot_mapping.cpu(),
+                slot_mapping=slot_mapping,
                 prefix_ids=torch.tensor([-1], dtype=torch.int32),
                 prefix_lens=torch.zeros((0,), dtype=torch.int32),
                 prefix_block_tables=_pad_tables([]),
@@ -154,10 +156,10 @@ class ModelRunner:
             no_logits = torch.zeros((0,), dtype=torch.int64, device=self.device)
             if adapter.embeddings is not None:
                 embeds = adapter.embeddings.to(self.device, self.dtype)
-                self._forward(meta.to(self.device), positions, no_logits, inputs_embeds=embeds)
+                self._forward(meta, positions, no_logits, inputs_embeds=embeds)
             else:
                 ids = torch.tensor(adapter.token_ids, dtype=torch.int64, device=self.device)
-                self._forward(meta.to(self.device), positions, no_logits, input_ids=ids)
+                self._forward(meta, positions, no_logits, input_ids=ids)
         prefix.materialized = True
 
     def _forward(
@@ -168,10 +170,10 @@ class ModelRunner:
         input_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """One packed forward pass; returns logits ``[R, V]`` at ``logits_indices``."""
-        step = StepContext(
-            meta=meta, kv_cache=self.kv_cache, backend=self.backend, plan=self.backend.plan(meta)
-        )
+        """One packed forward pass over host-side ``meta``; returns logits ``[R, V]`` at
+        ``logits_indices``."""
+        plan = self.backend.plan(meta, self.device)
+        step = StepContext(kv_cache=self.kv_cache, backend=self.backend, plan=plan)
         output = self.model(
             input_ids=None if input_ids is None else input_ids[None],
             inputs_embeds=None if inputs_embeds is None else inputs_embeds[None],
