@@ -116,7 +116,9 @@ def make_scenario(
     meta = AttentionMetadata(
         cu_q_lens=torch.tensor(cu, dtype=torch.int32),
         own_lens=torch.tensor(own_lens, dtype=torch.int32),
-        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in own_tables], dtype=torch.int32),
+        block_tables=torch.tensor(
+            [t + [0] * (width - len(t)) for t in own_tables], dtype=torch.int32
+        ),
         slot_mapping=slot_mapping,
         prefix_ids=torch.tensor(prefix_ids, dtype=torch.int32),
         prefix_lens=torch.tensor(prefix_lens, dtype=torch.int32),
@@ -137,4 +139,3 @@ def make_scenario(
         scale=head_dim**-0.5,
     )
     return scenario.to(device) if str(device) != "cpu" else scenario
-

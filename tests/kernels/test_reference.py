@@ -3,7 +3,10 @@
 import pytest
 import torch
 
-from prefixserve.kernels.reference import naive_prefix_attention, paged_prefix_attention_from_metadata
+from prefixserve.kernels.reference import (
+    naive_prefix_attention,
+    paged_prefix_attention_from_metadata,
+)
 from prefixserve.kernels.testing import adapter_mix, make_scenario
 
 CASES = {
@@ -22,8 +25,14 @@ def test_reference_matches_loop(case, mix, hq, hkv, block_size):
     prefix_lens = [1, 17, 5]
     ids = adapter_mix(mix, len(q_lens), len(prefix_lens), seed=3)
     sc = make_scenario(
-        q_lens, own_lens, ids, prefix_lens, num_q_heads=hq, num_kv_heads=hkv,
-        head_dim=16, block_size=block_size,
+        q_lens,
+        own_lens,
+        ids,
+        prefix_lens,
+        num_q_heads=hq,
+        num_kv_heads=hkv,
+        head_dim=16,
+        block_size=block_size,
     )
     got = paged_prefix_attention_from_metadata(sc.query, sc.k_cache, sc.v_cache, sc.meta, sc.scale)
     want = naive_prefix_attention(sc.query, sc.k_cache, sc.v_cache, sc.meta, sc.scale)
