@@ -23,6 +23,9 @@ demo: setup
 	$(VENV)/bin/prefixserve demo
 
 test: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy serving kernels
 	$(PY) -m pytest
 
 lint: setup
