@@ -7,9 +7,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test lint format bench clean
+.PHONY: setup demo serve protos test lint format bench bench-grpc clean
 
-$(STAMP): pyproject.toml constraints.txt
+# Installing (editable) also generates the gRPC stubs from protos/ into serving/_proto/ (setup.py).
+$(STAMP): pyproject.toml constraints.txt setup.py $(wildcard protos/prefixserve/v1/*.proto)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
@@ -21,6 +22,13 @@ setup: $(STAMP)
 
 demo: setup
 	$(VENV)/bin/prefixserve demo
+
+serve: setup
+	$(VENV)/bin/prefixserve serve
+
+# Regenerate the gRPC stubs after editing a .proto (make setup does it too).
+protos:
+	$(PY) -m pip install -q --no-deps -e .
 
 test: setup
 	$(VENV)/bin/ruff check .
@@ -40,5 +48,8 @@ format: setup
 bench: setup
 	$(PY) benchmarks/bench_offline.py
 
+bench-grpc: setup
+	$(PY) benchmarks/bench_grpc.py
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache serving/_proto

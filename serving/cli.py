@@ -1,72 +1,347 @@
-"""The ``prefixserve`` command line."""
+"""The ``prefixserve`` command line: demo, serve, generate, adapters."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
+import os
 import sys
-import time
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-DEMO_QUESTIONS = [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "Give me three tips for learning a new language.",
-    "Explain in two sentences why the sky is blue.",
-    "What is 12 times 12?",
-    "Name a famous painting by Leonardo da Vinci and say one thing about it.",
-    "Suggest a name for a friendly robot.",
-    "How do I boil an egg? Answer briefly.",
-]
+if TYPE_CHECKING:
+    from .client import Client, Prompt
+
+GUIDE = """\
+Start here:
+  prefixserve demo                          serve the default model with the example adapters
+                                            and answer a mixed batch from two tenants
+  prefixserve serve --port 50051            serve the default model (or --model DIR) over gRPC
+  prefixserve generate "Why is the sky blue?"          ask a running server (streams the answer)
+  prefixserve adapters load pirate --upload DIR        add an adapter (PEFT prompt learning)
+  prefixserve adapters list                 adapters you can use
+
+Client commands find the server with --server or $PREFIXSERVE_SERVER (default 127.0.0.1:50051)
+and send --api-key or $PREFIXSERVE_API_KEY when the server has keys. `prefixserve CMD --help`
+explains each command; from Python use prefixserve.client.Client.
+"""
+DEFAULT_SERVER = "127.0.0.1:50051"
+
+
+# -- serve ----------------------------------------------------------------------------------------
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+    from .default_model import cache_root
+    from .server import AdapterSpec, ApiKeys, PrefixServer, ServerConfig, serve
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s"
+    )
+    registry = (
+        None if args.registry_dir == "none" else args.registry_dir or cache_root() / "registry"
+    )
+    config = ServerConfig(
+        engine=EngineConfig(
+            model=ModelConfig(
+                args.model, args.dtype, args.quantization, args.device, args.max_model_len
+            ),
+            cache=CacheConfig(
+                num_kv_blocks=args.num_kv_blocks,
+                kv_memory_fraction=args.kv_memory_fraction,
+                cpu_kv_memory_gib=args.kv_memory_gib,
+            ),
+            scheduler=SchedulerConfig(args.max_num_batched_tokens, args.max_num_seqs),
+        ),
+        host=args.host,
+        port=args.port,
+        api_keys=ApiKeys.load(args.api_keys),
+        registry_dir=registry,
+        adapters=[AdapterSpec.parse(a) for a in args.adapter],
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
+        max_waiting=args.max_waiting,
+        max_upload_bytes=int(args.max_upload_mb * 2**20),
+        shutdown_grace=args.shutdown_grace,
+    )
+    keys = (
+        "open (no API keys)" if config.api_keys.open else f"{len(config.api_keys.tenants)} tenants"
+    )
+
+    def ready(server: PrefixServer) -> None:
+        print(f"prefixserve: serving on {server.address} ({keys}); Ctrl-C stops", flush=True)
+
+    asyncio.run(serve(config, on_ready=ready))
+    return 0
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a model over gRPC (generation, adapters, health, reflection, metrics)",
+        description="Serve one model with many soft-prompt adapters over gRPC. The server "
+        "listens at once; health says NOT_SERVING until the model and the adapters are loaded, "
+        "then SERVING. SIGINT/SIGTERM shut it down gracefully.",
+        epilog="API keys file: one 'TENANT KEY [admin]' per line ($PREFIXSERVE_API_KEYS takes "
+        "the same entries separated by ';'). Tenants see only their own and public adapters; "
+        "admins may load from server paths and load public adapters. Without keys the server is "
+        "open and every adapter is public: keep it on localhost then.",
+    )
+    p.add_argument("--model", help="HF model directory (default: the embedded SmolLM2-135M)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 or float16",
+    )
+    p.add_argument("--quantization", default="none", help="none, 8bit, 4bit/nf4 or fp4")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines")
+    p.add_argument("--port", type=int, default=50051, help="gRPC port (0 = any free port)")
+    p.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="[TENANT/]NAME=PATH",
+        help="load a PEFT adapter directory at startup, public unless TENANT/ is given "
+        "(repeatable)",
+    )
+    p.add_argument("--api-keys", metavar="FILE", help="API keys file (see below)")
+    p.add_argument("--tls-cert", metavar="PEM", help="TLS certificate chain (with --tls-key)")
+    p.add_argument("--tls-key", metavar="PEM", help="TLS private key")
+    p.add_argument(
+        "--registry-dir",
+        help="where loaded adapters persist across restarts "
+        "(default: ~/.cache/prefixserve/registry; 'none' = forget on exit)",
+    )
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
+    p.add_argument("--metrics-host", default="127.0.0.1", help="address of /metrics")
+    p.add_argument("--kv-memory-gib", type=float, default=1.0, help="CPU: KV pool size in GiB")
+    p.add_argument(
+        "--kv-memory-fraction",
+        type=float,
+        default=0.9,
+        help="CUDA: share of free GPU memory for the KV pool",
+    )
+    p.add_argument("--num-kv-blocks", type=int, help="KV pool size in blocks (overrides memory)")
+    p.add_argument("--max-model-len", type=int, help="longest adapter + prompt + output")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="requests running at once")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per step")
+    p.add_argument(
+        "--max-waiting",
+        type=int,
+        default=256,
+        help="queued requests before new ones get RESOURCE_EXHAUSTED",
+    )
+    p.add_argument("--max-upload-mb", type=float, default=64, help="largest adapter upload")
+    p.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=10.0,
+        help="seconds in-flight requests get to finish on shutdown",
+    )
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=_serve)
+
+
+# -- client commands ------------------------------------------------------------------------------
+
+
+def _client(args: argparse.Namespace) -> Client:
+    from .client import Client
+
+    return Client(args.server, args.api_key, tls=args.tls, root_certificates=args.tls_ca)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    client = _client(args)
+    prompt_text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt: Prompt = prompt_text
+    if not args.raw and client.model_info().has_chat_template:
+        prompt = [{"role": "user", "content": prompt_text}]
+    options = {
+        k: getattr(args, k)
+        for k in (
+            "max_new_tokens",
+            "temperature",
+            "top_k",
+            "top_p",
+            "min_p",
+            "repetition_penalty",
+            "seed",
+        )
+    }
+    last = None
+    for last in client.generate_stream(prompt, args.adapter, stop=args.stop or None, **options):
+        print(last.text, end="", flush=True)
+    if last is not None and last.usage is not None:
+        u = last.usage
+        print(
+            f"\n[{last.finish_reason}; {u.prompt_tokens} prompt + {u.completion_tokens} "
+            f"generated tokens]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _adapters(args: argparse.Namespace) -> int:
+    client = _client(args)
+    if args.action == "load":
+        a = client.load_adapter(
+            args.name, path=args.path, upload=args.upload, text=args.text, public=args.public
+        )
+        print(
+            f"loaded {a.name}: {a.kind}, {a.num_tokens} virtual tokens, "
+            f"{'public' if a.public else 'owned by ' + a.owner}"
+        )
+    elif args.action == "unload":
+        now = client.unload_adapter(args.name)
+        print(f"unloaded {args.name}" + ("" if now else " (once its running requests end)"))
+    else:
+        adapters = client.list_adapters(all_tenants=args.all_tenants)
+        print(
+            f"{'NAME':<20} {'OWNER':<12} {'KIND':<14} {'TOKENS':>6} {'RESIDENT':>8} "
+            f"{'REQUESTS':>8}  SOURCE"
+        )
+        for a in adapters:
+            print(
+                f"{a.name:<20} {a.owner or '(public)':<12} {a.kind:<14} {a.num_tokens:>6} "
+                f"{'yes' if a.resident else 'no':>8} {a.requests:>8}  {a.source}"
+            )
+    return 0
+
+
+def _client_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--server",
+        default=os.environ.get("PREFIXSERVE_SERVER", DEFAULT_SERVER),
+        help="host:port of a running `prefixserve serve` (default: "
+        "$PREFIXSERVE_SERVER or %(default)s)",
+    )
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="the server's API key for you (default: "
+        "$PREFIXSERVE_API_KEY); needed when the server has keys",
+    )
+    p.add_argument("--tls", action="store_true", help="connect with TLS (system roots)")
+    p.add_argument("--tls-ca", metavar="PEM", help="TLS with this CA/self-signed certificate")
+
+
+def _add_client_commands(sub: argparse._SubParsersAction) -> None:
+    g = sub.add_parser(
+        "generate",
+        help="ask a running server and stream the answer to the terminal",
+        description="Send one prompt to a running server and print the answer as it streams. "
+        "The prompt is sent as a user chat message when the model has a chat template "
+        "(--raw sends it as plain text). Greedy unless --temperature > 0.",
+    )
+    g.add_argument("prompt", help="the prompt text, or - to read it from stdin")
+    g.add_argument("--adapter", help="an adapter you can use (see `prefixserve adapters list`)")
+    g.add_argument("--raw", action="store_true", help="send the text as is (no chat template)")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--min-p", type=float)
+    g.add_argument("--repetition-penalty", type=float)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    _client_options(g)
+    g.set_defaults(func=_generate)
+
+    a = sub.add_parser(
+        "adapters",
+        help="load, list or unload adapters on a running server",
+        description="Manage the adapters of a running server. Adapters you load belong to your "
+        "tenant (your API key) and are invisible to other tenants; they are kept in the "
+        "server's registry and come back after a restart.",
+    )
+    actions = a.add_subparsers(dest="action", required=True)
+    load = actions.add_parser(
+        "load",
+        help="load an adapter under a name",
+        description="Load a PEFT prompt-learning adapter (prompt tuning, "
+        "P-tuning, prefix tuning, cartridge; adapter_config.json + "
+        "adapter_model.safetensors) or a system prompt.",
+    )
+    load.add_argument("name", help="1-64 letters, digits, '.', '_' or '-'")
+    source = load.add_mutually_exclusive_group(required=True)
+    source.add_argument("--upload", metavar="DIR", help="a local adapter directory to upload")
+    source.add_argument(
+        "--path", metavar="DIR", help="an adapter directory on the server (admin keys only)"
+    )
+    source.add_argument("--text", help="a system prompt to use as the prefix")
+    load.add_argument("--public", action="store_true", help="usable by every tenant (admins)")
+    unload = actions.add_parser("unload", help="unload an adapter (after its running requests)")
+    unload.add_argument("name")
+    listing = actions.add_parser("list", help="the adapters you can use")
+    listing.add_argument("--all-tenants", action="store_true", help="every tenant's (admins)")
+    for p in (load, unload, listing):
+        _client_options(p)
+    a.set_defaults(func=_adapters)
+
+
+# -- demo -----------------------------------------------------------------------------------------
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .llm import LLM
-    from .sampling_params import SamplingParams
+    from .server.demo import run_demo
 
-    print("prefixserve demo: loading the embedded default model (SmolLM2-135M-Instruct)...")
-    llm = LLM(args.model, dtype=args.dtype)
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0)
-    conversations = [[{"role": "user", "content": q}] for q in DEMO_QUESTIONS]
-    start = time.perf_counter()
-    outputs = llm.chat(conversations, params, use_tqdm=True)
-    elapsed = time.perf_counter() - start
-    for question, out in zip(DEMO_QUESTIONS, outputs):
-        print(f"\n> {question}\n{out.text.strip()}  [{out.finish_reason}]")
-    tokens = sum(len(o.token_ids) for o in outputs)
-    print(
-        f"\n{len(outputs)} requests in one continuous batch: {tokens} tokens in {elapsed:.1f} s "
-        f"= {tokens / elapsed:.1f} output tokens/s ({llm.engine.runner.device}, "
-        f"{llm.engine.runner.backend.name} attention)"
+    return run_demo(args.model, args.dtype, args.max_new_tokens, args.adapters_dir)
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    demo = sub.add_parser(
+        "demo",
+        help="start a server with the example adapters and send it a mixed batch from two tenants",
+        description="Start a gRPC server in this process on the default model with the example "
+        "adapters (examples/adapters; text stand-ins for any missing), then two tenants stream "
+        "a mixed batch of chat requests through it: their own adapters, public ones and none. "
+        "Prints each answer beside its tenant and adapter, and the throughput.",
     )
-    return 0
+    demo.add_argument("--model", help="HF model directory (default: the embedded SmolLM2-135M)")
+    demo.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    demo.add_argument("--max-new-tokens", type=int, default=48, help="tokens per answer at most")
+    demo.add_argument(
+        "--adapters-dir",
+        type=Path,
+        help="folder of adapter directories (default: the repository's examples/adapters)",
+    )
+    demo.set_defaults(func=_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="prefixserve",
         description="Serve one frozen language model with many soft-prompt adapters.",
+        epilog=GUIDE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser(
-        "demo",
-        help="generate answers to a batch of chat prompts and print them with the throughput",
-        description="Answer a batch of varied chat prompts with continuous batching.",
-    )
-    demo.add_argument(
-        "--model", default=None, help="HF model directory (default: the embedded SmolLM2-135M)"
-    )
-    demo.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
-    demo.add_argument("--max-new-tokens", type=int, default=64, help="tokens per answer at most")
-    demo.set_defaults(func=_demo)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_demo(sub)
+    _add_serve(sub)
+    _add_client_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import grpc
+
     try:
         return int(args.func(args))
-    except (ValueError, FileNotFoundError) as e:
+    except grpc.RpcError as e:
+        print(f"prefixserve: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as e:
         print(f"prefixserve: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,0 +1,210 @@
+"""The adapter service: load (upload, server path or text), unload, list and get, per tenant.
+
+A load stages the files in the registry, lets the engine validate and register them (on its own
+thread, between steps), then moves them into the registry for good; a failed load leaves nothing
+behind. On startup :func:`restore_adapters` loads the command-line adapters and the registry's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from grpc import aio
+
+from .._proto import prefixserve_pb2 as pb
+from .._proto import prefixserve_pb2_grpc as pb_grpc
+from ..adapters import AdapterError
+from ..async_engine import AsyncEngine
+from ..engine import LLMEngine
+from ..prefix_store import AdapterInfo
+from . import protocol
+from .errors import AlreadyExistsError, PermissionDeniedError, TooLargeError
+from .registry import AdapterRecord, AdapterRegistry
+from .service import ServingState
+from .tenants import Tenant, check_name
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterSpec:
+    """An adapter to load at startup: ``[TENANT/]NAME=PATH`` on the command line."""
+
+    name: str
+    path: str
+    owner: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> AdapterSpec:
+        key, sep, path = text.partition("=")
+        if not sep or not key or not path:
+            raise ValueError(f"--adapter expects [TENANT/]NAME=PATH, got {text!r}")
+        owner, _, name = key.rpartition("/")
+        check_name("adapter name", name)
+        if owner:
+            check_name("tenant", owner)
+        return cls(name, path, owner or None)
+
+
+async def _engine_load(engine: AsyncEngine, name: str, source: dict[str, str]) -> AdapterInfo:
+    def load(e: LLMEngine) -> AdapterInfo:
+        prefix = e.prefixes.prefixes.get(name)
+        if prefix is not None and prefix.unloading:
+            raise AlreadyExistsError(
+                f"adapter {name.rpartition('/')[2]!r} is still being unloaded: "
+                f"{prefix.requests} requests use it; retry when they finish"
+            )
+        return e.load_adapter(name, path=source.get("path"), text=source.get("text"))
+
+    return await engine.run(load)
+
+
+async def _engine_info(engine: AsyncEngine, names: list[str]) -> list[AdapterInfo | None]:
+    def infos(e: LLMEngine) -> list[AdapterInfo | None]:
+        store = e.prefixes
+        return [store.info(n) if n in store.prefixes else None for n in names]
+
+    return await engine.run(infos)
+
+
+def _client_words(message: str, staged: Path, record: AdapterRecord) -> str:
+    """The engine's message without server paths or the engine's name for the adapter."""
+    message = message.replace(f"{staged}/", "uploaded ").replace(str(staged), "the upload")
+    return message.replace(repr(record.engine_name), repr(record.name))
+
+
+class AdapterService(pb_grpc.AdapterServiceServicer):
+    def __init__(self, state: ServingState) -> None:
+        self.state = state
+
+    async def LoadAdapter(
+        self, request: pb.LoadAdapterRequest, context: aio.ServicerContext
+    ) -> pb.Adapter:
+        tenant = self.state.authenticate(context)
+        engine = self.state.ready()
+        public = request.public or self.state.keys.open
+        if public and not tenant.admin:
+            raise PermissionDeniedError("only an admin key can load public adapters")
+        record = AdapterRecord(request.name, None if public else tenant.name, source="")
+        async with self.state.adapter_lock:
+            self.state.registry.check_free(record.owner, record.name)
+            staged = await self._stage(request, tenant, record)
+            try:
+                source = AdapterRegistry.adapter_source(staged)
+                info = await _engine_load(engine, record.engine_name, source)
+            except AdapterError as e:
+                await asyncio.to_thread(self.state.registry.discard, staged)
+                raise AdapterError(_client_words(str(e), staged, record)) from None
+            except BaseException:
+                await asyncio.to_thread(self.state.registry.discard, staged)
+                raise
+            record.kind = info.kind
+            try:
+                await asyncio.to_thread(self.state.registry.add, record, staged)
+            except OSError:
+                await engine.run(lambda e: e.unload_adapter(record.engine_name))
+                raise
+        logger.info("tenant %s loaded adapter %s (%s)", tenant.name, record.engine_name, info.kind)
+        return protocol.adapter_message(record, info)
+
+    async def _stage(
+        self, request: pb.LoadAdapterRequest, tenant: Tenant, record: AdapterRecord
+    ) -> Path:
+        registry = self.state.registry
+        which = request.WhichOneof("source")
+        if which == "files":
+            self._check_size(
+                len(request.files.adapter_config_json)
+                + len(request.files.adapter_model_safetensors)
+            )
+            record.source = "upload"
+            files = request.files
+            return await asyncio.to_thread(
+                registry.stage_files, files.adapter_config_json, files.adapter_model_safetensors
+            )
+        if which == "path":
+            if not tenant.admin:
+                raise PermissionDeniedError(
+                    "loading from a server-side path needs an admin key; upload the files instead"
+                )
+            record.source = request.path
+            return await asyncio.to_thread(registry.stage_directory, request.path)
+        if which == "text":
+            self._check_size(len(request.text.encode()))
+            record.source = "text"
+            return await asyncio.to_thread(registry.stage_text, request.text)
+        raise ValueError("LoadAdapter needs a source: set files, path or text")
+
+    def _check_size(self, size: int) -> None:
+        limit = self.state.max_upload_bytes
+        if size > limit:
+            raise TooLargeError(
+                f"the upload is {size} bytes but this server accepts at most {limit} bytes "
+                f"({limit / 2**20:.4g} MiB, server option --max-upload-mb)"
+            )
+
+    async def UnloadAdapter(
+        self, request: pb.UnloadAdapterRequest, context: aio.ServicerContext
+    ) -> pb.UnloadAdapterResponse:
+        tenant = self.state.authenticate(context)
+        engine = self.state.ready()
+        async with self.state.adapter_lock:
+            record = self.state.registry.resolve(tenant, request.name)
+            if record.owner is None and not tenant.admin:
+                raise PermissionDeniedError(
+                    f"adapter {request.name!r} is public; only an admin key can unload it"
+                )
+            now = await engine.run(lambda e: e.unload_adapter(record.engine_name))
+            await asyncio.to_thread(self.state.registry.remove, record)
+        logger.info("tenant %s unloaded adapter %s", tenant.name, record.engine_name)
+        return pb.UnloadAdapterResponse(unloaded_now=now)
+
+    async def ListAdapters(
+        self, request: pb.ListAdaptersRequest, context: aio.ServicerContext
+    ) -> pb.ListAdaptersResponse:
+        tenant = self.state.authenticate(context)
+        engine = self.state.ready()
+        if request.all_tenants and not tenant.admin:
+            raise PermissionDeniedError("only an admin key can list every tenant's adapters")
+        records = self.state.registry.visible(tenant, request.all_tenants)
+        infos = await _engine_info(engine, [r.engine_name for r in records])
+        return pb.ListAdaptersResponse(
+            adapters=[protocol.adapter_message(r, i) for r, i in zip(records, infos) if i]
+        )
+
+    async def GetAdapter(
+        self, request: pb.GetAdapterRequest, context: aio.ServicerContext
+    ) -> pb.Adapter:
+        tenant = self.state.authenticate(context)
+        engine = self.state.ready()
+        record = self.state.registry.resolve(tenant, request.name)
+        (info,) = await _engine_info(engine, [record.engine_name])
+        if info is None:
+            raise AdapterError(f"adapter {request.name!r} was just unloaded")
+        return protocol.adapter_message(record, info)
+
+
+async def restore_adapters(state: ServingState, specs: list[AdapterSpec]) -> None:
+    """Load the command-line adapters, then every adapter the registry recorded before."""
+    engine, registry = state.ready(), state.registry
+    for spec in specs:
+        record = AdapterRecord(spec.name, spec.owner, "command line", persistent=False)
+        registry.check_free(record.owner, record.name)
+        if not (Path(spec.path) / "adapter_model.safetensors").is_file():
+            raise ValueError(f"--adapter {spec.name}: {spec.path} has no adapter_model.safetensors")
+        info = await _engine_load(engine, record.engine_name, {"path": spec.path})
+        record.kind = info.kind
+        registry.add(record, None)
+    for record, folder in await asyncio.to_thread(registry.saved):
+        try:
+            registry.check_free(record.owner, record.name)
+            source = AdapterRegistry.adapter_source(folder)
+            await _engine_load(engine, record.engine_name, source)
+        except (ValueError, AlreadyExistsError) as e:
+            logger.warning("registry adapter %s not restored: %s", record.engine_name, e)
+            continue
+        registry.records[record.engine_name] = record
+    logger.info("%d adapters loaded", len(registry.records))

@@ -1,0 +1,236 @@
+"""The server's life: listen (health NOT_SERVING), load the model and adapters (SERVING), serve,
+shut down gracefully (NOT_SERVING, refuse new calls, let in-flight ones finish within a grace
+period, abort the rest, stop the engine)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from transformers import AutoTokenizer
+
+from .._proto import prefixserve_pb2 as pb
+from .._proto import prefixserve_pb2_grpc as pb_grpc
+from ..async_engine import AsyncEngine
+from ..config import EngineConfig
+from ..engine import LLMEngine
+from .adapter_service import AdapterService, AdapterSpec, restore_adapters
+from .errors import ErrorInterceptor
+from .metrics import ServerMetrics
+from .registry import AdapterRegistry
+from .service import GenerationService, ServingState, model_info
+from .tenants import ApiKeys
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAMES = tuple(
+    pb.DESCRIPTOR.services_by_name[n].full_name for n in ("GenerationService", "AdapterService")
+)
+EngineFactory = Callable[[EngineConfig], LLMEngine]
+
+
+@dataclass(slots=True)
+class ServerConfig:
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    host: str = "127.0.0.1"
+    """Address to listen on; '0.0.0.0' or '[::]' to accept other machines."""
+    port: int = 50051
+    """gRPC port; 0 picks a free one (see :attr:`PrefixServer.port`)."""
+    api_keys: ApiKeys = field(default_factory=ApiKeys)
+    """Empty: an open server (no authentication, every adapter public)."""
+    registry_dir: str | Path | None = None
+    """Where loaded adapters are kept across restarts; None = a temporary directory."""
+    adapters: list[AdapterSpec] = field(default_factory=list)
+    """Adapters to load at startup (not recorded in the registry)."""
+    tls_cert: str | None = None
+    """PEM certificate chain; with ``tls_key`` the server speaks TLS only."""
+    tls_key: str | None = None
+    metrics_port: int | None = None
+    """Prometheus ``/metrics`` HTTP port; None = off, 0 = a free port."""
+    metrics_host: str = "127.0.0.1"
+    max_waiting: int | None = 256
+    """Requests that may wait for the engine; more answer RESOURCE_EXHAUSTED."""
+    max_upload_bytes: int = 64 * 2**20
+    shutdown_grace: float = 10.0
+    """Seconds in-flight requests get to finish on shutdown before they are aborted."""
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both a certificate and a key (--tls-cert and --tls-key)")
+        if self.max_waiting is not None and self.max_waiting < 0:
+            raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
+        if self.max_upload_bytes < 1:
+            raise ValueError(f"max_upload_bytes must be >= 1, got {self.max_upload_bytes}")
+
+
+class PrefixServer:
+    """One gRPC server over one engine. ``await start()``, ``await load()``, ``await stop()``."""
+
+    def __init__(self, config: ServerConfig, engine_factory: EngineFactory = LLMEngine) -> None:
+        self.config = config
+        self._engine_factory = engine_factory
+        self.state = ServingState(
+            keys=config.api_keys,
+            registry=AdapterRegistry(config.registry_dir),
+            metrics=ServerMetrics(lambda: self.state.engine.engine if self.state.engine else None),
+            max_upload_bytes=config.max_upload_bytes,
+        )
+        self.health = health.aio.HealthServicer()
+        self.port = 0
+        self.metrics_port: int | None = None
+        # gRPC's own size check answers RESOURCE_EXHAUSTED too; ours names the limit.
+        options = [("grpc.max_receive_message_length", config.max_upload_bytes + 2**20)]
+        self._grpc = aio.server(interceptors=[ErrorInterceptor()], options=options)
+        pb_grpc.add_GenerationServiceServicer_to_server(GenerationService(self.state), self._grpc)
+        pb_grpc.add_AdapterServiceServicer_to_server(AdapterService(self.state), self._grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+        names = (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, self._grpc)
+
+    @property
+    def address(self) -> str:
+        host = "127.0.0.1" if self.config.host in ("0.0.0.0", "[::]", "") else self.config.host
+        return f"{host}:{self.port}"
+
+    async def start(self) -> None:
+        """Listen; health says NOT_SERVING until :meth:`load` finishes."""
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        target = f"{self.config.host}:{self.config.port}"
+        if self.config.tls_cert is not None and self.config.tls_key is not None:
+            pair = (Path(self.config.tls_key).read_bytes(), Path(self.config.tls_cert).read_bytes())
+            self.port = self._grpc.add_secure_port(target, grpc.ssl_server_credentials([pair]))
+        else:
+            self.port = self._grpc.add_insecure_port(target)
+        await self._grpc.start()
+        if self.config.metrics_port is not None:
+            self.metrics_port = self.state.metrics.serve(
+                self.config.metrics_port, self.config.metrics_host
+            )
+        logger.info("listening on %s (model loading)", self.address)
+
+    async def load(self) -> None:
+        """Load the model (in a worker thread) and the adapters, then report SERVING."""
+        engine = await asyncio.to_thread(self._engine_factory, self.config.engine)
+        self.state.tokenizer = await asyncio.to_thread(
+            AutoTokenizer.from_pretrained, engine.model_path
+        )
+        self.state.engine = AsyncEngine(engine, max_waiting=self.config.max_waiting)
+        self.state.model_info = model_info(self.state.engine)
+        await restore_adapters(self.state, self.config.adapters)
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        logger.info("serving %s on %s", engine.model_path, self.address)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop gracefully: NOT_SERVING, refuse new calls, give in-flight calls ``grace``
+        seconds (default ``config.shutdown_grace``), then abort what is left."""
+        grace = self.config.shutdown_grace if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        await self._grpc.stop(grace)
+        if self.state.engine is not None:
+            await self.state.engine.shutdown(timeout=0)
+        self.state.metrics.close()
+        self.state.registry.close()
+        logger.info("server stopped")
+
+    async def wait_for_termination(self) -> None:
+        await self._grpc.wait_for_termination()
+
+
+async def serve(
+    config: ServerConfig, on_ready: Callable[[PrefixServer], None] | None = None
+) -> None:
+    """Run a server until SIGINT or SIGTERM, then shut it down gracefully."""
+    server = PrefixServer(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    try:
+        loading = asyncio.create_task(server.load())
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if loading.done():
+            loading.result()  # a failed load (bad model, bad adapter) ends the server here
+            if on_ready is not None:
+                on_ready(server)
+            await stopping
+        else:
+            loading.cancel()
+        logger.info("shutting down (grace %.0f s)", config.shutdown_grace)
+    finally:
+        await server.stop()
+
+
+class BackgroundServer:
+    """A :class:`PrefixServer` on its own event loop thread, for tests, the demo and benchmarks.
+
+    ``with BackgroundServer(config) as server: Client(server.address)...``
+    """
+
+    def __init__(self, config: ServerConfig, engine_factory: EngineFactory = LLMEngine) -> None:
+        self.config = config
+        self._factory = engine_factory
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, daemon=True, name="prefixserve-server"
+        )
+        self.server: PrefixServer | None = None
+        self.loading: Future[None] | None = None
+
+    def _run(self, coro: object) -> Future:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)  # type: ignore[arg-type]
+
+    def start(self, wait_ready: bool = True, timeout: float = 300) -> BackgroundServer:
+        """Start listening and loading; with ``wait_ready`` return once it serves."""
+        self._thread.start()
+
+        async def create() -> PrefixServer:
+            server = PrefixServer(self.config, self._factory)
+            await server.start()
+            return server
+
+        self.server = self._run(create()).result(timeout)
+        self.loading = self._run(self.server.load())
+        if wait_ready:
+            self.loading.result(timeout)
+        return self
+
+    @property
+    def address(self) -> str:
+        assert self.server is not None, "start() the server first"
+        return self.server.address
+
+    @property
+    def engine(self) -> LLMEngine:
+        assert self.server is not None and self.server.state.engine is not None
+        return self.server.state.engine.engine
+
+    def stop(self, grace: float | None = None, timeout: float = 120) -> None:
+        if self.server is not None:
+            if self.loading is not None and not self.loading.done():
+                self.loading.cancel()
+            self._run(self.server.stop(grace)).result(timeout)
+            self.server = None
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start() if self.server is None else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,154 @@
+"""Prometheus metrics: engine state read at scrape time, request latencies observed as they go.
+
+Engine gauges and counters come from :class:`EngineCollector`, which reads a few attributes of the
+engine when Prometheus scrapes (lengths of queues, counters; no lock and nothing on the engine
+thread), so the step loop never pays for metrics. Latency histograms are observed by the server
+per request as outputs reach it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from ..engine import LLMEngine
+from ..request import RequestOutput
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class EngineCollector(Collector):
+    """Queue depth, running requests, KV blocks, prefix cache and token counts of the engine."""
+
+    def __init__(self, engine: Callable[[], LLMEngine | None]) -> None:
+        self._engine = engine
+        self._last: tuple[float, int] | None = None
+        self._rate = 0.0
+
+    def _tokens_per_second(self, tokens: int) -> float:
+        now = time.monotonic()
+        if self._last is None or now - self._last[0] >= 1.0:  # at most one new window per second
+            if self._last is not None:
+                self._rate = (tokens - self._last[1]) / (now - self._last[0])
+            self._last = (now, tokens)
+        return self._rate
+
+    def collect(self) -> Iterator[Metric]:
+        engine = self._engine()
+        if engine is None:
+            return
+        scheduler, allocator, stats = engine.scheduler, engine.allocator, engine.prefixes.stats
+        gauges: list[tuple[str, str, float]] = [
+            ("queue_depth", "Requests waiting to be scheduled", len(scheduler.waiting)),
+            ("running_requests", "Requests in the running batch", len(scheduler.running)),
+            (
+                "kv_blocks_used",
+                "KV blocks in use (requests and adapter prefixes)",
+                allocator.num_used,
+            ),
+            ("kv_blocks_total", "KV blocks in the pool", allocator.num_blocks),
+            (
+                "prefix_blocks_resident",
+                "KV blocks holding adapter prefixes",
+                sum(len(p.block_ids) for p in list(engine.prefixes.prefixes.values())),
+            ),
+            ("adapters_loaded", "Adapters loaded in the engine", len(engine.prefixes.prefixes)),
+            (
+                "generation_tokens_per_second",
+                "Output tokens per second over the last scrape "
+                "interval (rate(prefixserve_generated_tokens_total) in PromQL is the same)",
+                self._tokens_per_second(engine.num_generated_tokens),
+            ),
+        ]
+        for name, doc, value in gauges:
+            yield GaugeMetricFamily(f"prefixserve_{name}", doc, value=value)
+        counters: list[tuple[str, str, float]] = [
+            ("generated_tokens", "Output tokens generated", engine.num_generated_tokens),
+            ("prefix_hits", "Requests that found their adapter prefix resident", stats.hits),
+            (
+                "prefix_materializations",
+                "Adapter prefixes computed into the pool",
+                stats.materializations,
+            ),
+            ("prefix_evictions", "Adapter prefixes evicted from the pool", stats.evictions),
+            ("preemptions", "Requests preempted for KV blocks", scheduler.num_preemptions),
+        ]
+        for name, doc, value in counters:
+            yield CounterMetricFamily(f"prefixserve_{name}", doc, value=value)
+
+
+@dataclass(slots=True)
+class RequestTracker:
+    """Times one request: first token, gaps between tokens, the end."""
+
+    metrics: ServerMetrics
+    adapter: str
+    tenant: str
+    start: float = field(default_factory=time.perf_counter)
+    last_token: float | None = None
+    done: bool = False
+
+    def on_output(self, out: RequestOutput) -> None:
+        if not out.delta_token_ids:
+            return
+        now = time.perf_counter()
+        if self.last_token is None:
+            self.metrics.ttft.observe(now - self.start)
+        else:
+            self.metrics.per_token.observe((now - self.last_token) / len(out.delta_token_ids))
+        self.last_token = now
+
+    def finish(self, outcome: str) -> None:
+        """Count the request once: ``outcome`` is its finish reason, 'cancelled' or 'error'."""
+        if self.done:
+            return
+        self.done = True
+        self.metrics.requests.labels(self.adapter, self.tenant, outcome).inc()
+        self.metrics.latency.observe(time.perf_counter() - self.start)
+
+
+class ServerMetrics:
+    """The server's metric registry (one per server, so tests can run several)."""
+
+    def __init__(self, engine: Callable[[], LLMEngine | None]) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(EngineCollector(engine))
+        self.ttft = self._histogram(
+            "time_to_first_token_seconds", "From arrival to the first token"
+        )
+        self.per_token = self._histogram(
+            "time_per_output_token_seconds", "Gap between consecutive output tokens of a request"
+        )
+        self.latency = self._histogram("request_latency_seconds", "From arrival to the last token")
+        self.requests = Counter(
+            "prefixserve_requests",
+            "Finished generation requests by adapter ('' = none), tenant and outcome",
+            ["adapter", "tenant", "outcome"],
+            registry=self.registry,
+        )
+        self._http: Any = None
+
+    def _histogram(self, name: str, doc: str) -> Histogram:
+        return Histogram(
+            f"prefixserve_{name}", doc, buckets=LATENCY_BUCKETS, registry=self.registry
+        )
+
+    def track(self, adapter: str | None, tenant: str) -> RequestTracker:
+        return RequestTracker(self, adapter or "", tenant)
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> int:
+        """Expose ``/metrics`` over HTTP on ``port`` (0 = a free one); returns the port."""
+        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        return int(self._http.server_port)
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None

@@ -1,0 +1,164 @@
+"""The generation service: authenticated, adapter-aware streams over the async engine.
+
+Every handler authenticates the caller, resolves the adapter name as that tenant sees it, and
+streams engine outputs. Errors are raised, never turned into statuses here (see ``errors``).
+A client that goes away or whose deadline passes cancels the handler, which leaves the engine's
+stream and so aborts the request and frees its blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from grpc import aio
+from transformers import PreTrainedTokenizerBase
+
+from .. import __version__
+from .._proto import prefixserve_pb2 as pb
+from .._proto import prefixserve_pb2_grpc as pb_grpc
+from ..async_engine import AsyncEngine
+from ..engine import Prompt
+from ..request import RequestOutput
+from ..sampling_params import MAX_LOGPROBS
+from . import protocol
+from .errors import NotReadyError
+from .metrics import ServerMetrics
+from .registry import AdapterRecord, AdapterRegistry
+from .tenants import ApiKeys, Tenant
+
+
+@dataclass(slots=True)
+class ServingState:
+    """What the services share. ``engine`` is None until the model is loaded."""
+
+    keys: ApiKeys
+    registry: AdapterRegistry
+    metrics: ServerMetrics
+    max_upload_bytes: int
+    engine: AsyncEngine | None = None
+    tokenizer: PreTrainedTokenizerBase | None = None
+    """The server's own tokenizer (the engine's belongs to the engine thread)."""
+    model_info: pb.ModelInfo = field(default_factory=pb.ModelInfo)
+    adapter_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    """Serializes adapter loads and unloads."""
+
+    def ready(self) -> AsyncEngine:
+        if self.engine is None:
+            raise NotReadyError("the model is still loading; retry when health says SERVING")
+        if not self.engine.is_running:
+            raise NotReadyError("the server is shutting down")
+        return self.engine
+
+    def authenticate(self, context: aio.ServicerContext) -> Tenant:
+        return self.keys.authenticate(context.invocation_metadata())
+
+
+def model_info(engine: AsyncEngine) -> pb.ModelInfo:
+    e = engine.engine
+    return pb.ModelInfo(
+        model=str(e.model_path),
+        dtype=str(e.runner.dtype).removeprefix("torch."),
+        device=str(e.runner.device),
+        max_model_len=e.max_model_len,
+        vocab_size=e.vocab_size,
+        eos_token_ids=sorted(e.eos_token_ids),
+        block_size=e.block_size,
+        num_kv_blocks=e.allocator.num_blocks,
+        attention_backend=e.runner.backend.name,
+        max_logprobs=MAX_LOGPROBS,
+        has_chat_template=e.tokenizer.chat_template is not None,
+        server_version=__version__,
+    )
+
+
+class GenerationService(pb_grpc.GenerationServiceServicer):
+    def __init__(self, state: ServingState) -> None:
+        self.state = state
+        self._ids = itertools.count()
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: aio.ServicerContext
+    ) -> pb.GenerateResponse:
+        last = None
+        async for item in self._outputs(request, context):
+            last = item
+        assert last is not None, "the engine stream ended without a finished output"
+        return protocol.full_response(*last, request.request_id)
+
+    async def GenerateStream(
+        self, request: pb.GenerateRequest, context: aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateStreamResponse]:
+        async for out, adapter_tokens in self._outputs(request, context):
+            yield protocol.stream_chunk(out, request.request_id, adapter_tokens)
+
+    async def Tokenize(
+        self, request: pb.TokenizeRequest, context: aio.ServicerContext
+    ) -> pb.TokenizeResponse:
+        self.state.authenticate(context)
+        self.state.ready()
+        tokenizer = self.state.tokenizer
+        assert tokenizer is not None
+        which = request.WhichOneof("prompt")
+        if which == "text":
+            ids = list(tokenizer.encode(request.text, add_special_tokens=False))
+        elif which == "chat":
+            ids = protocol.chat_token_ids(tokenizer, request.chat.messages)
+        else:
+            raise ValueError("the request has no prompt: set text or chat")
+        return pb.TokenizeResponse(token_ids=ids)
+
+    async def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: aio.ServicerContext
+    ) -> pb.ModelInfo:
+        self.state.authenticate(context)
+        self.state.ready()
+        return self.state.model_info
+
+    # -- one request ----------------------------------------------------------------------------
+
+    async def _outputs(
+        self, request: pb.GenerateRequest, context: aio.ServicerContext
+    ) -> AsyncIterator[tuple[RequestOutput, int]]:
+        """The engine's outputs for ``request`` (with the adapter's prefix length), timed."""
+        tenant = self.state.authenticate(context)
+        engine = self.state.ready()
+        adapter = self.state.registry.resolve(tenant, request.adapter) if request.adapter else None
+        params = protocol.sampling_params(request)
+        prompt = self._prompt(request)
+        name = adapter.engine_name if adapter is not None else None
+        adapter_tokens = self._prefix_length(engine, adapter)
+        request_id = f"{tenant.name}:{request.request_id or 'req'}:{next(self._ids)}"
+        tracker = self.state.metrics.track(name, tenant.name)
+        outcome = "error"
+        try:
+            async for out in engine.generate(prompt, params, request_id, adapter=name):
+                tracker.on_output(out)
+                if out.finished:
+                    outcome = out.finish_reason or "abort"
+                yield out, adapter_tokens
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        finally:
+            tracker.finish(outcome)
+
+    def _prompt(self, request: pb.GenerateRequest) -> Prompt:
+        which = request.WhichOneof("prompt")
+        if which == "text":
+            return request.text
+        if which == "token_ids":
+            return list(request.token_ids.ids)
+        if which == "chat":
+            assert self.state.tokenizer is not None
+            return protocol.chat_token_ids(self.state.tokenizer, request.chat.messages)
+        raise ValueError("the request has no prompt: set text, token_ids or chat")
+
+    @staticmethod
+    def _prefix_length(engine: AsyncEngine, adapter: AdapterRecord | None) -> int:
+        if adapter is None:
+            return 0
+        prefix = engine.engine.prefixes.prefixes.get(adapter.engine_name)  # a plain dict read
+        return prefix.num_tokens if prefix is not None else 0
