@@ -210,7 +210,7 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     if args.model:
         command += ["--model", args.model]
     env = {**os.environ, "PREFIXSERVE_API_KEYS": ""}
-    process = subprocess.Popen(command, env=env)
+    process = subprocess.Popen(command, env=env, stdout=sys.stderr)
     target = f"127.0.0.1:{port}"
     with Client(target) as client:
         client.wait_until_serving(timeout=600)
@@ -268,8 +268,8 @@ def main() -> None:
             process.wait(60)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"bench_grpc-{time.strftime('%Y%m%d-%H%M%S')}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str))
+    print(json.dumps(result, indent=2, default=str))
     print(f"results: {stem.with_suffix('.json')}", file=sys.stderr)
     plot(samples, stem.with_suffix(".png"))
 

@@ -69,7 +69,7 @@ def _serve(args: argparse.Namespace) -> int:
         shutdown_grace=args.shutdown_grace,
     )
     keys = (
-        "open (no API keys)" if config.api_keys.open else f"{len(config.api_keys.tenants)} tenants"
+        "open: no API keys" if config.api_keys.open else f"{len(config.api_keys.tenants)} tenants"
     )
 
     def ready(server: PrefixServer) -> None:
@@ -177,10 +177,11 @@ def _generate(args: argparse.Namespace) -> int:
     last = None
     for last in client.generate_stream(prompt, args.adapter, stop=args.stop or None, **options):
         print(last.text, end="", flush=True)
+    print()
     if last is not None and last.usage is not None:
         u = last.usage
         print(
-            f"\n[{last.finish_reason}; {u.prompt_tokens} prompt + {u.completion_tokens} "
+            f"[{last.finish_reason}; {u.prompt_tokens} prompt + {u.completion_tokens} "
             f"generated tokens]",
             file=sys.stderr,
         )

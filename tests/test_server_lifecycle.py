@@ -4,7 +4,9 @@ the registry, TLS and the open (keyless) mode."""
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
+import sys
 import threading
 import urllib.request
 
@@ -13,7 +15,7 @@ import pytest
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
-from test_server import KEYS, server_config, wait_until_idle
+from test_server import KEYS, KEYS_TEXT, server_config, wait_until_idle
 
 from prefixserve.client import Client
 from prefixserve.engine import LLMEngine
@@ -177,3 +179,48 @@ def test_tls_and_the_open_mode(tiny_model_dir, tmp_path):
         with pytest.raises(grpc.RpcError) as info:
             Client(server.address, timeout=5).generate([5, 9], max_new_tokens=2)
         assert info.value.code() is grpc.StatusCode.UNAVAILABLE  # plaintext to a TLS port
+
+
+def test_cli_serve_generate_adapters_and_sigterm(tiny_model_dir, peft_adapter_dir, tmp_path):
+    """`prefixserve serve` in a subprocess; the client commands against it; SIGTERM stops it."""
+    model = tiny_model_dir("llama")
+    keys = tmp_path / "keys.txt"
+    keys.write_text(KEYS_TEXT)
+    adapter = peft_adapter_dir(model, "prompt_tuning", 4)
+    args = (
+        f"serve --model {model} --dtype float32 --port 0 --api-keys {keys} --num-kv-blocks 256 "
+        f"--registry-dir {tmp_path / 'registry'} --adapter acme/pirate={adapter} --log-level error"
+    )
+    command = [sys.executable, "-m", "prefixserve.cli", *args.split()]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    try:
+        line = server.stdout.readline() if server.stdout else ""
+        assert "serving on" in line, line
+        address = line.split("serving on ")[1].split()[0]
+        client = ["--server", address, "--api-key", KEYS["acme"]]
+
+        def cli(*argv: str) -> tuple[int, str, str]:
+            done = subprocess.run(
+                [sys.executable, "-m", "prefixserve.cli", *argv, *client],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            return done.returncode, done.stdout, done.stderr
+
+        code, out, err = cli(
+            "generate", "The quick", "--adapter", "pirate", "--max-new-tokens", "5"
+        )
+        want = Client(address, KEYS["acme"]).generate("The quick", "pirate", max_new_tokens=5)
+        assert code == 0 and out == want.text + "\n" and "5 generated tokens" in err
+        assert cli("adapters", "load", "mine", "--text", "Paged attention")[0] == 0
+        code, out, _ = cli("adapters", "list")
+        assert code == 0 and "pirate" in out and "mine" in out and "command line" in out
+        code, _, err = cli("generate", "hi", "--adapter", "nope")
+        assert code == 1 and "NOT_FOUND" in err
+        assert cli("adapters", "unload", "mine")[0] == 0
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(60) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()

@@ -96,8 +96,11 @@ async def _load_adapters(
             f"  {name:<8} {info.kind:<14} {info.num_tokens:>3} virtual tokens  {whose:<16} {origin}"
         )
         (usable[owner] if owner else public).append(name)
-    await clients["ops"].load_adapter("concise", text=CONCISE, public=True)
-    _say(f"  {'concise':<8} {'TEXT':<14} {'':>3}   system prompt   {'public':<16} text adapter")
+    info = await clients["ops"].load_adapter("concise", text=CONCISE, public=True)
+    _say(
+        f"  {'concise':<8} {info.kind:<14} {info.num_tokens:>3} virtual tokens  {'public':<16} "
+        "system prompt"
+    )
     for client in clients.values():
         await client.close()
     shared: list[str | None] = [*public, "concise", None]
@@ -142,7 +145,8 @@ async def _run_batch(
             await client.close()
     for job in jobs:
         _say(f"\n[{job.tenant:<6} | {job.adapter or '(none)':<8}] {job.question}")
-        _say(f"  {job.answer.strip()}  [{job.finish}, {job.tokens} tokens]")
+        answer = job.answer.strip().replace("\n", "\n  ")
+        _say(f"  {answer}  [{job.finish}, {job.tokens} tokens]")
     tokens = sum(j.tokens for j in jobs)
     _say(
         f"\n{len(jobs)} requests from {len(usable)} tenants in shared batches: {tokens} tokens in "
