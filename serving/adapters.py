@@ -145,6 +145,10 @@ def _check_config(name: str, config: dict, kind: AdapterKind, shape: ModelShape)
 
 
 def _check_values(name: str, tensor: torch.Tensor, max_tokens: int) -> None:
+    if tensor.dim() != 2:
+        raise _fail(
+            name, f"prompt_embeddings must be 2-D [P, width], got shape {tuple(tensor.shape)}"
+        )
     if not torch.isfinite(tensor).all():
         raise _fail(name, "the prompt embeddings contain NaN or infinite values")
     if tensor.shape[0] < 1:

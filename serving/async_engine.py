@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-from .engine import LLMEngine, Prompt
+from .engine import LLMEngine, Prompt, StepError
 from .request import RequestOutput
 from .sampling_params import SamplingParams
 
@@ -77,9 +77,9 @@ class AsyncEngine:
             self.engine.add_request(prompt, params, request_id, adapter=adapter)
             self._streams[request_id] = (loop, stream)
 
-        await self._call(add)
         finished = False
         try:
+            await self._call(add)
             while True:
                 item = await stream.get()
                 if isinstance(item, BaseException):
@@ -89,7 +89,7 @@ class AsyncEngine:
                 if finished:
                     return
         finally:
-            if not finished:
+            if not finished:  # commands run in order: this abort follows the add, if it ran
                 self._submit(lambda: self._abort(request_id))
 
     async def abort(self, request_id: str) -> None:
@@ -126,8 +126,10 @@ class AsyncEngine:
         future: Future[T] = Future()
         if not self.is_running:
             future.set_exception(EngineDeadError(self._dead_reason()))
-        else:
-            self._commands.put((fn, future))
+            return future
+        self._commands.put((fn, future))
+        if not self._thread.is_alive():  # the loop ended between the check and the put
+            self._fail_pending_commands()
         return future
 
     def _dead_reason(self) -> str:
@@ -143,13 +145,34 @@ class AsyncEngine:
                 idle = not self.engine.has_unfinished_requests()
                 self._run_commands(block=idle)
                 if self.engine.has_unfinished_requests():
-                    self._deliver(self.engine.step())
+                    self._step()
         except BaseException as e:
             logger.exception("engine loop crashed")
             self._error = e
+        finally:
             self._stopping.set()
-            for request_id in list(self._streams):
-                self._push(request_id, EngineDeadError(self._dead_reason()))
+            self._close()
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except StepError as e:  # those requests are finished; the others go on
+            logger.error("%s", e, exc_info=e.cause)
+            for request_id in e.request_ids:
+                self._push(request_id, e)
+            return
+        for out in outputs:
+            self._push(out.request_id, out)
+
+    def _close(self) -> None:
+        """The loop ended: abort what is left, end every open stream, refuse queued commands."""
+        for request_id in list(self.engine.requests):
+            try:
+                self.engine.abort(request_id)
+            except Exception:
+                logger.exception("could not abort %s while closing", request_id)
+        for request_id in list(self._streams):
+            self._push(request_id, EngineDeadError(self._dead_reason()))
         self._fail_pending_commands()
 
     def _run_commands(self, block: bool) -> None:
@@ -158,7 +181,10 @@ class AsyncEngine:
         except queue.Empty:
             return
         while True:
-            if future.set_running_or_notify_cancel():
+            if self._stopping.is_set():
+                if future.set_running_or_notify_cancel():
+                    future.set_exception(EngineDeadError(self._dead_reason()))
+            elif future.set_running_or_notify_cancel():
                 try:
                     future.set_result(fn())
                 except Exception as e:
@@ -177,10 +203,6 @@ class AsyncEngine:
             if future.set_running_or_notify_cancel():
                 future.set_exception(EngineDeadError(self._dead_reason()))
 
-    def _deliver(self, outputs: list[RequestOutput]) -> None:
-        for out in outputs:
-            self._push(out.request_id, out)
-
     def _push(self, request_id: str, item: Any) -> None:
         entry = self._streams.get(request_id)
         if entry is None:
@@ -188,7 +210,11 @@ class AsyncEngine:
         if isinstance(item, BaseException) or item.finished:
             del self._streams[request_id]
         loop, stream = entry
-        loop.call_soon_threadsafe(stream.put_nowait, item)
+        try:
+            loop.call_soon_threadsafe(stream.put_nowait, item)
+        except RuntimeError:  # the caller's event loop is closed: nobody is listening
+            self._streams.pop(request_id, None)
+            self.engine.abort(request_id)
 
     def _abort(self, request_id: str) -> None:
         out = self.engine.abort(request_id)

@@ -95,6 +95,11 @@ def select_backend(requested: str | None, device: torch.device) -> AttentionBack
     if name == "torch":
         return TorchBackend()
     if name == "triton":
+        if device.type == "cpu" and torch.cuda.is_available():
+            raise ValueError(
+                "the Triton backend runs on CUDA tensors (or, on a machine without a GPU, under "
+                "the Triton interpreter); use device='cuda' or the 'torch' backend"
+            )
         from .triton_backend import TritonBackend
 
         return TritonBackend()

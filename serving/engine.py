@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import itertools
 import logging
-import time
 from pathlib import Path
 
-import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .adapters import AdapterError, blocks_for, load_peft_adapter, text_adapter
+from .adapters import blocks_for, load_peft_adapter, text_adapter
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .kv_cache import BlockAllocator
@@ -23,13 +21,22 @@ from .model_loader import load_model
 from .model_runner import ModelRunner
 from .prefix_store import AdapterInfo, PrefixStore
 from .request import FinishReason, Request, RequestOutput
-from .sampler import Sampler
+from .sampler import Sampler, TokenLogprobs, request_generator
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
 
 Prompt = str | list[int]
+
+
+class StepError(RuntimeError):
+    """A step failed; the requests it carried were finished with reason 'error'."""
+
+    def __init__(self, request_ids: list[str], cause: BaseException) -> None:
+        super().__init__(f"step failed for {len(request_ids)} requests: {cause!r}")
+        self.request_ids = request_ids
+        self.cause = cause
 
 
 def _eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
@@ -111,16 +118,13 @@ class LLMEngine:
             raise ValueError("prompt must not be empty (it has 0 tokens)")
         num_prefix = self.prefixes.get(adapter).num_tokens if adapter is not None else 0
         self._check_fits(num_prefix, len(token_ids), params)
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
         request = Request(
             request_id=request_id,
             token_ids=token_ids,
             params=params,
             num_prompt_tokens=len(token_ids),
             detokenizer=IncrementalDetokenizer(self.tokenizer, token_ids, params),
-            generator=generator,
+            generator=request_generator(params, self.runner.device),
             eos_token_ids=frozenset() if params.ignore_eos else self.eos_token_ids,
             prefix=self.prefixes.attach(adapter) if adapter is not None else None,
         )
@@ -156,8 +160,7 @@ class LLMEngine:
             raise ValueError(f"adapter name must be a non-empty string, got {name!r}")
         if (path is None) == (text is None):
             raise ValueError(f"adapter {name!r}: give exactly one of path= or text=")
-        if name in self.prefixes.prefixes:
-            raise AdapterError(f"adapter {name!r} is already loaded; unload it first")
+        self.prefixes.check_name_free(name)  # before reading any file
         max_tokens = self.max_model_len - 2  # room for one prompt token and one new token
         if path is not None:
             adapter = load_peft_adapter(name, path, self.runner.shape, max_tokens)
@@ -188,34 +191,45 @@ class LLMEngine:
     # -- the step -------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled forward pass; returns outputs of requests that progressed."""
+        """Run one scheduled forward pass; returns outputs of requests that progressed.
+
+        If the forward pass or sampling raises, the requests of this step are finished with
+        reason 'error' (their blocks freed) and :class:`StepError` names them; the engine stays
+        consistent and keeps serving the others.
+        """
         scheduled = self.scheduler.schedule()
         if scheduled.is_empty:
             return []
-        logits, sampling = self.runner.execute(scheduled)
+        try:
+            logits, sampling = self.runner.execute(scheduled)
+            sampled = self.sampler(
+                logits,
+                [r.params for r in sampling],
+                [r.generator for r in sampling],
+                [r.token_ids for r in sampling],
+            )
+        except Exception as e:
+            failed = [r.request_id for r in scheduled.requests]
+            for request in scheduled.requests:
+                self.scheduler.finish(request, FinishReason.ERROR)
+                del self.requests[request.request_id]
+            raise StepError(failed, e) from e
+        self.prefixes.stats.materializations += len(scheduled.materialize)
         for request, n in zip(scheduled.requests, scheduled.num_new_tokens):
             request.num_computed_tokens += n
-        if not sampling:
-            return []
-        sampled = self.sampler(
-            logits,
-            [r.params for r in sampling],
-            [r.generator for r in sampling],
-            [r.token_ids for r in sampling],
-        )
-        now = time.monotonic()
-        outputs = []
-        for request, token, logprobs in zip(sampling, sampled.token_ids, sampled.logprobs):
-            if request.first_token_time is None:
-                request.first_token_time = now
-            outputs.append(self._append(request, token, logprobs))
+        outputs = [
+            self._append(request, token, logprobs)
+            for request, token, logprobs in zip(sampling, sampled.token_ids, sampled.logprobs)
+        ]
         self.num_generated_tokens += len(sampling)
         return outputs
 
-    def _append(self, request: Request, token: int, logprobs: object) -> RequestOutput:
+    def _append(
+        self, request: Request, token: int, logprobs: TokenLogprobs | None
+    ) -> RequestOutput:
         request.token_ids.append(token)
         if logprobs is not None:
-            request.logprobs.append(logprobs)  # type: ignore[arg-type]
+            request.logprobs.append(logprobs)
         params = request.params
         reason: FinishReason | None = None
         delta = ""

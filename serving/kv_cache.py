@@ -1,8 +1,8 @@
-"""The paged KV pool: block tensors for every layer and a reference-counted block allocator.
+"""The paged KV pool: block tensors for every layer and a block allocator.
 
-Blocks are owned either by one request (its own tokens) or, shared and read-only, by an adapter's
-prefix; the reference count lets several owners hold one block and returns it to the free list
-when the last owner lets go.
+A block is owned either by one request (its own tokens) or by an adapter's prefix (read by every
+request of that adapter through the prefix table, never copied). The allocator counts owners so
+that a double free or a read of a freed block is caught where it happens.
 """
 
 from __future__ import annotations
@@ -37,12 +37,6 @@ class BlockAllocator:
         for b in blocks:
             self._refs[b] = 1
         return blocks
-
-    def share(self, blocks: list[int]) -> None:
-        """Add one owner to each of ``blocks`` (all must be in use)."""
-        for b in blocks:
-            assert self._refs[b] > 0, f"block {b} is free and cannot be shared"
-            self._refs[b] += 1
 
     def free(self, blocks: list[int]) -> None:
         """Drop one owner from each of ``blocks``; a block with no owner left becomes free."""

@@ -64,8 +64,9 @@ class AdapterInfo:
 @dataclass(slots=True)
 class PrefixStats:
     hits: int = 0
-    """Acquisitions that found the prefix resident."""
+    """Acquisitions that found the prefix resident and filled."""
     materializations: int = 0
+    """Prefixes filled (first use, or again after an eviction)."""
     evictions: int = 0
 
 
@@ -81,8 +82,7 @@ class PrefixStore:
         self._clock = itertools.count(1)
 
     def add(self, adapter: Adapter) -> Prefix:
-        if adapter.name in self.prefixes:
-            raise AdapterError(f"adapter {adapter.name!r} is already loaded; unload it first")
+        self.check_name_free(adapter.name)
         blocks = blocks_for(adapter.num_tokens, self.block_size)
         if blocks > self.allocator.num_blocks:
             raise AdapterError(
@@ -92,6 +92,17 @@ class PrefixStore:
         prefix = Prefix(adapter)
         self.prefixes[adapter.name] = prefix
         return prefix
+
+    def check_name_free(self, name: str) -> None:
+        prefix = self.prefixes.get(name)
+        if prefix is None:
+            return
+        if prefix.unloading:
+            raise AdapterError(
+                f"adapter {name!r} is still being unloaded ({prefix.requests} requests use it); "
+                "load it again once they finish, or under another name"
+            )
+        raise AdapterError(f"adapter {name!r} is already loaded; unload it first")
 
     def get(self, name: str) -> Prefix:
         """The usable prefix named ``name``; ``AdapterError`` if unknown or being unloaded."""
@@ -146,10 +157,11 @@ class PrefixStore:
             needed = blocks_for(prefix.num_tokens, self.block_size)
             if not self.make_room(needed, keep=prefix):
                 return False
-            prefix.block_ids = self.allocator.allocate(needed) or []
+            blocks = self.allocator.allocate(needed)
+            assert blocks is not None, "make_room guaranteed the blocks"
+            prefix.block_ids = blocks
             prefix.materialized = False
-            self.stats.materializations += 1
-        else:
+        elif prefix.materialized:
             self.stats.hits += 1
         prefix.users += 1
         prefix.last_used = next(self._clock)
@@ -169,6 +181,8 @@ class PrefixStore:
             (p for p in self.prefixes.values() if p.resident and p.users == 0 and p is not keep),
             key=lambda p: p.last_used,
         )
+        if self.allocator.num_free + sum(len(p.block_ids) for p in idle) < num_blocks:
+            return False  # evicting would not be enough: keep the prefixes
         for prefix in idle:
             self._evict(prefix)
             if self.allocator.num_free >= num_blocks:

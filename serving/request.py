@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -29,6 +28,8 @@ class FinishReason(str, enum.Enum):
     """max_new_tokens reached."""
     ABORT = "abort"
     """Aborted by the caller (or its connection went away)."""
+    ERROR = "error"
+    """The engine failed while running the request's step."""
 
 
 @dataclass(slots=True, eq=False)
@@ -47,14 +48,12 @@ class Request:
     prefix_pinned: bool = False
     """Whether this request currently pins its prefix in the pool (while running)."""
     eos_token_ids: frozenset[int] = frozenset()
-    arrival_time: float = field(default_factory=time.monotonic)
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
     logprobs: list[TokenLogprobs] = field(default_factory=list)
-    first_token_time: float | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -88,7 +87,7 @@ class RequestOutput:
     """Every generated token id so far (new tokens only, not the prompt)."""
     finished: bool
     finish_reason: str | None
-    """'stop', 'length' or 'abort' once finished, else None."""
+    """'stop', 'length', 'abort' or 'error' once finished, else None."""
     delta_text: str = ""
     """Text added by this step."""
     delta_token_ids: list[int] = field(default_factory=list)

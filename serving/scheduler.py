@@ -120,6 +120,7 @@ class Scheduler:
         n = min(request.num_tokens - request.num_computed_tokens, budget)
         if self.config.long_prefill_token_threshold is not None:
             n = min(n, self.config.long_prefill_token_threshold)
+        assert n >= 1, f"request {request.request_id} has no token to compute"
         return n
 
     def _allocate(self, request: Request, num_new_tokens: int) -> bool:

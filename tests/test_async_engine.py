@@ -8,6 +8,7 @@ import pytest
 
 from prefixserve import LLM, SamplingParams
 from prefixserve.async_engine import AsyncEngine, EngineDeadError, QueueFullError
+from prefixserve.engine import StepError
 
 PROMPTS = [[5, 9, 33, 7], [11, 12], [40, 41, 42, 43, 44, 45, 46, 47, 48], [100], [7, 7, 8]]
 
@@ -44,7 +45,14 @@ def test_concurrent_streams_equal_offline(tiny_llm):
 
 
 def test_leaving_a_stream_aborts_and_frees(tiny_llm):
-    engine_blocks = tiny_llm.engine.allocator
+    blocks = tiny_llm.engine.allocator
+
+    async def all_free() -> None:
+        for _ in range(200):
+            if blocks.num_free == blocks.num_blocks and not tiny_llm.engine.requests:
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"{blocks.num_used} blocks still used: {tiny_llm.engine.requests}")
 
     async def main():
         engine = AsyncEngine(tiny_llm.engine)
@@ -53,31 +61,76 @@ def test_leaving_a_stream_aborts_and_frees(tiny_llm):
         first = await anext(stream)
         assert not first.finished
         await stream.aclose()  # the client went away
+        await all_free()
 
-        async def cancelled():
+        async def consume():
             async for _ in engine.generate(PROMPTS[0], params):
                 pass
 
-        task = asyncio.create_task(cancelled())
+        task = asyncio.create_task(consume())
         await asyncio.sleep(0.2)
+        assert tiny_llm.engine.requests
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+        await all_free()
         with pytest.raises(ValueError, match="prompt must not be empty"):
             await anext(engine.generate([], params))
         deltas, last = await _collect(engine, PROMPTS[1], SamplingParams(max_new_tokens=3))
         assert last.finished and len(deltas) == 3
-        for _ in range(100):
-            if engine_blocks.num_free == engine_blocks.num_blocks:
-                break
-            await asyncio.sleep(0.02)
+        await all_free()
         await engine.shutdown()
         with pytest.raises(EngineDeadError):
             await anext(engine.generate(PROMPTS[1], params))
 
     asyncio.run(main())
-    assert engine_blocks.num_free == engine_blocks.num_blocks
+
+
+def test_a_failed_step_fails_its_streams_only(tiny_llm, monkeypatch):
+    runner = tiny_llm.engine.runner
+    real = runner.execute
+    calls = {"n": 0}
+
+    def flaky(scheduled):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("transient failure")
+        return real(scheduled)
+
+    monkeypatch.setattr(runner, "execute", flaky)
+
+    async def main():
+        engine = AsyncEngine(tiny_llm.engine)
+        try:
+            with pytest.raises(StepError, match="transient failure"):
+                await _collect(engine, PROMPTS[0], SamplingParams(max_new_tokens=5))
+            deltas, last = await _collect(engine, PROMPTS[1], SamplingParams(max_new_tokens=3))
+            assert last.finished and len(deltas) == 3
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(main())
+    assert tiny_llm.engine.allocator.num_free == tiny_llm.engine.allocator.num_blocks
+
+
+def test_shutdown_ends_streams_that_raced_it(tiny_llm):
+    async def main():
+        engine = AsyncEngine(tiny_llm.engine)
+        params = SamplingParams(max_new_tokens=50, ignore_eos=True)
+        started = asyncio.create_task(_collect(engine, PROMPTS[0], params))
+        await asyncio.sleep(0.05)
+        late = asyncio.create_task(_collect(engine, PROMPTS[1], params))
+        await engine.shutdown()
+        for task in (started, late):
+            try:
+                _, last = await asyncio.wait_for(task, timeout=10)
+                assert last.finished
+            except EngineDeadError:
+                pass
+
+    asyncio.run(main())
     assert not tiny_llm.engine.requests
+    assert tiny_llm.engine.allocator.num_free == tiny_llm.engine.allocator.num_blocks
 
 
 def test_bounded_queue_refuses_instead_of_growing(tiny_llm):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from prefixserve import LLM, SamplingParams
+from prefixserve.engine import StepError
 
 PROMPTS = [[5, 9, 33, 7], [11, 12], [40, 41, 42, 43, 44, 45, 46, 47, 48], [100]]
 
@@ -130,3 +131,20 @@ def test_invalid_requests_fail_alone(tiny_llm):
 def test_unknown_dtype_is_rejected(dtype):
     with pytest.raises(ValueError, match=f"dtype must be one of .* got '{dtype}'"):
         LLM("unused", dtype=dtype)
+
+
+def test_failed_step_finishes_its_requests_and_the_engine_goes_on(tiny_llm, monkeypatch):
+    engine = tiny_llm.engine
+    ids = [engine.add_request(p, SamplingParams(max_new_tokens=4)) for p in PROMPTS[:2]]
+
+    def broken(scheduled):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(engine.runner, "execute", broken)
+    with pytest.raises(StepError, match="device lost") as info:
+        engine.step()
+    assert sorted(info.value.request_ids) == sorted(ids)
+    assert not engine.requests and not engine.has_unfinished_requests()
+    assert engine.allocator.num_free == engine.allocator.num_blocks
+    monkeypatch.undo()
+    assert tiny_llm.generate([PROMPTS[0]], SamplingParams(max_new_tokens=3))[0].finished

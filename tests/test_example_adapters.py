@@ -6,9 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from peft_reference import peft_greedy
 
 from prefixserve import LLM, SamplingParams
+
+from peft_reference import peft_greedy
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "adapters"
 NAMES = sorted(p.name for p in EXAMPLES.iterdir() if (p / "adapter_config.json").is_file())

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_reference import hf_greedy
-from peft_reference import peft_greedy
 from transformers import AutoModelForCausalLM
 
 from prefixserve import LLM, SamplingParams
 from prefixserve.triton_backend import TritonBackend
+
+from hf_reference import hf_greedy
+from peft_reference import peft_greedy
 
 pytest.importorskip("triton")
 
