@@ -110,32 +110,13 @@ def default_llm():
     return LLM(dtype="float32")
 
 
-PEFT_KINDS = ("prompt_tuning", "p_tuning", "prefix_tuning", "prefix_projection", "cartridge")
-
-
-def peft_config(kind: str, num_virtual_tokens: int):
-    """A PEFT prompt-learning config of ``kind`` for a causal LM."""
-    import peft
-
-    common = {"task_type": "CAUSAL_LM", "num_virtual_tokens": num_virtual_tokens}
-    if kind == "prompt_tuning":
-        return peft.PromptTuningConfig(**common)
-    if kind == "p_tuning":
-        return peft.PromptEncoderConfig(encoder_hidden_size=32, **common)
-    if kind == "prefix_tuning":
-        return peft.PrefixTuningConfig(**common)
-    if kind == "prefix_projection":
-        return peft.PrefixTuningConfig(prefix_projection=True, encoder_hidden_size=32, **common)
-    if kind == "cartridge":
-        return peft.CartridgeConfig(**common)
-    raise ValueError(kind)
-
-
 @pytest.fixture(scope="session")
 def peft_adapter_dir(tmp_path_factory: pytest.TempPathFactory):
     """Factory: ``peft_adapter_dir(model_dir, kind, num_virtual_tokens, seed)`` -> a saved PEFT
     adapter with random (non-trivial) weights for the model at ``model_dir``."""
     import peft
+
+    from peft_reference import peft_config
 
     cache: dict[tuple, Path] = {}
 

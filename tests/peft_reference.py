@@ -29,3 +29,24 @@ def peft_greedy(
         )
         results.append(out[0, len(ids) :].tolist())  # PEFT returns the prompt ids first
     return results
+
+
+PEFT_KINDS = ("prompt_tuning", "p_tuning", "prefix_tuning", "prefix_projection", "cartridge")
+
+
+def peft_config(kind: str, num_virtual_tokens: int):
+    """A PEFT prompt-learning config of ``kind`` for a causal LM."""
+    import peft
+
+    common = {"task_type": "CAUSAL_LM", "num_virtual_tokens": num_virtual_tokens}
+    if kind == "prompt_tuning":
+        return peft.PromptTuningConfig(**common)
+    if kind == "p_tuning":
+        return peft.PromptEncoderConfig(encoder_hidden_size=32, **common)
+    if kind == "prefix_tuning":
+        return peft.PrefixTuningConfig(**common)
+    if kind == "prefix_projection":
+        return peft.PrefixTuningConfig(prefix_projection=True, encoder_hidden_size=32, **common)
+    if kind == "cartridge":
+        return peft.CartridgeConfig(**common)
+    raise ValueError(kind)

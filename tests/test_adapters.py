@@ -8,9 +8,8 @@ from transformers import AutoModelForCausalLM
 
 from prefixserve import LLM, SamplingParams
 
-from conftest import PEFT_KINDS
 from hf_reference import hf_greedy
-from peft_reference import peft_greedy
+from peft_reference import PEFT_KINDS, peft_greedy
 
 PROMPTS = [[5, 9, 33, 7], [11, 12, 13, 14, 15, 16, 17, 18, 19], [100]]
 NEW = 12
