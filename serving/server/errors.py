@@ -18,6 +18,7 @@ import grpc
 from grpc import aio
 
 from ..async_engine import EngineDeadError, QueueFullError
+from ..engine import StepError
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,12 @@ def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.UNAVAILABLE, f"{error}; retry on another replica or later"
     if isinstance(error, TimeoutError):
         return grpc.StatusCode.DEADLINE_EXCEEDED, str(error) or "the operation timed out"
+    if isinstance(error, StepError):  # the engine logged the cause and serves the others
+        return (
+            grpc.StatusCode.INTERNAL,
+            f"the engine failed on the step that carried this request ({error.cause!r}); it was "
+            "stopped and the server goes on serving",
+        )
     if isinstance(error, ValueError):  # validation, including the engine's AdapterError
         return grpc.StatusCode.INVALID_ARGUMENT, str(error)
     error_id = uuid.uuid4().hex[:12]
