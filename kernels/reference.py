@@ -36,8 +36,8 @@ def write_kv(
 
 
 @dataclass(slots=True)
-class GatherPlan:
-    """Padded, per-request view of one step (shared by all layers)."""
+class GatherGroup:
+    """Padded view of a group of requests with similar query lengths."""
 
     kv_slots: torch.Tensor
     """(B, L) int64: pool slot of each request's j-th key (prefix first, then own)."""
@@ -47,26 +47,45 @@ class GatherPlan:
     """(B, Q) bool: which padded query rows are real."""
     mask: torch.Tensor
     """(B, 1, Q, L) bool: True where query i may attend to key j."""
+    out_index: torch.Tensor
+    """(N,) int64: packed index of each real query, in the order SDPA returns them."""
+
+
+@dataclass(slots=True)
+class GatherPlan:
+    """The step as padded groups (shared by all layers). Decodes (one query) and prefill chunks
+    are padded separately, so one long prompt does not pad every decode to its length."""
+
+    groups: list[GatherGroup]
     slot_mapping: torch.Tensor
     """(T,) int64: where this step's K/V are written."""
 
 
 def build_gather_plan(meta: AttentionMetadata) -> GatherPlan:
-    """Turn ``meta`` into gather indices and a boolean mask (see the module docstring)."""
+    """Turn ``meta`` into gather indices and boolean masks (see the module docstring)."""
+    decode = meta.q_lens == 1
+    mixed = bool(decode.any()) and not bool(decode.all())
+    parts = [decode, ~decode] if mixed else [torch.ones_like(decode)]
+    groups = [_gather_group(meta, part.nonzero().squeeze(1)) for part in parts]
+    return GatherPlan(groups=groups, slot_mapping=meta.slot_mapping)
+
+
+def _gather_group(meta: AttentionMetadata, rows: torch.Tensor) -> GatherGroup:
     device = meta.own_lens.device
     bs = meta.block_size
-    q_lens = meta.q_lens.long()
-    own_lens = meta.own_lens.long()
-    pre_lens = meta.request_prefix_lens.long()
-    num_q, num_kv = meta.max_q_len, meta.max_kv_len
+    q_lens = meta.q_lens.long()[rows]
+    own_lens = meta.own_lens.long()[rows]
+    pre_lens = meta.request_prefix_lens.long()[rows]
+    block_tables = meta.block_tables.long()[rows]
+    num_q, num_kv = int(q_lens.max()), int((pre_lens + own_lens).max())
 
     j = torch.arange(num_kv, device=device).unsqueeze(0)  # [1, L]
     is_prefix = j < pre_lens[:, None]
     own_j = (j - pre_lens[:, None]).clamp(min=0)
-    own_col = (own_j // bs).clamp(max=meta.block_tables.shape[1] - 1)
-    own_slot = meta.block_tables.long().gather(1, own_col) * bs + own_j % bs
+    own_col = (own_j // bs).clamp(max=block_tables.shape[1] - 1)
+    own_slot = block_tables.gather(1, own_col) * bs + own_j % bs
     if meta.prefix_block_tables.numel() > 0:
-        tables = meta.prefix_block_tables.long()[meta.prefix_ids.clamp(min=0).long()]
+        tables = meta.prefix_block_tables.long()[meta.prefix_ids[rows].clamp(min=0).long()]
         pre_col = (j // bs).clamp(max=tables.shape[1] - 1).expand(tables.shape[0], -1)
         pre_slot = tables.gather(1, pre_col) * bs + j % bs
         kv_slots = torch.where(is_prefix, pre_slot, own_slot)
@@ -77,18 +96,19 @@ def build_gather_plan(meta: AttentionMetadata) -> GatherPlan:
 
     i = torch.arange(num_q, device=device).unsqueeze(0)  # [1, Q]
     q_valid = i < q_lens[:, None]
-    q_index = torch.where(q_valid, meta.cu_q_lens[:-1, None].long() + i, torch.zeros_like(i))
+    starts = meta.cu_q_lens[:-1].long()[rows]
+    q_index = torch.where(q_valid, starts[:, None] + i, torch.zeros_like(i))
     q_own_index = (own_lens - q_lens)[:, None] + i  # [B, Q]
     visible = is_prefix[:, None, :] | (own_j[:, None, :] <= q_own_index[:, :, None])
     mask = visible & kv_valid[:, None, :]
     # Padded query rows attend to one valid key so SDPA returns finite values; they are dropped.
     mask = mask | (~q_valid[:, :, None] & (j == 0)[:, None, :])
-    return GatherPlan(
+    return GatherGroup(
         kv_slots=kv_slots,
         q_index=q_index,
         q_valid=q_valid,
         mask=mask[:, None],
-        slot_mapping=meta.slot_mapping,
+        out_index=q_index[q_valid],
     )
 
 
@@ -105,18 +125,36 @@ def paged_prefix_attention(
     Returns ``[T, Hq, D]`` in the query's dtype; softmax and accumulation follow SDPA.
     """
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-    keys = k_cache.view(-1, num_kv_heads, head_dim)[plan.kv_slots]  # [B, L, Hkv, D]
-    values = v_cache.view(-1, num_kv_heads, head_dim)[plan.kv_slots]
-    q = query[plan.q_index]  # [B, Q, Hq, D]
+    flat_k = k_cache.view(-1, num_kv_heads, head_dim)
+    flat_v = v_cache.view(-1, num_kv_heads, head_dim)
+    if len(plan.groups) == 1:
+        return _attend_group(query, flat_k, flat_v, plan.groups[0], scale)
+    out = torch.empty_like(query)
+    for group in plan.groups:
+        out[group.out_index] = _attend_group(query, flat_k, flat_v, group, scale)
+    return out
+
+
+def _attend_group(
+    query: torch.Tensor,
+    flat_k: torch.Tensor,
+    flat_v: torch.Tensor,
+    group: GatherGroup,
+    scale: float,
+) -> torch.Tensor:
+    """``[N, Hq, D]`` for the group's real queries, in ``group.out_index`` order."""
+    keys = flat_k[group.kv_slots]  # [B, L, Hkv, D]
+    values = flat_v[group.kv_slots]
+    q = query[group.q_index]  # [B, Q, Hq, D]
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2),
         keys.transpose(1, 2).to(q.dtype),
         values.transpose(1, 2).to(q.dtype),
-        attn_mask=plan.mask,
+        attn_mask=group.mask,
         scale=scale,
-        enable_gqa=query.shape[1] != num_kv_heads,
+        enable_gqa=query.shape[1] != flat_k.shape[1],
     )  # [B, Hq, Q, D]
-    return out.transpose(1, 2)[plan.q_valid]
+    return out.transpose(1, 2)[group.q_valid]
 
 
 def paged_prefix_attention_from_metadata(
