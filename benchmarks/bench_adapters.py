@@ -8,7 +8,11 @@ popularity; every request generates exactly ``--max-new-tokens`` tokens (eos ign
 * ``peft_grouped``: PEFT ``generate`` on each adapter's requests as one left-padded batch
   (PEFT cannot mix prompt-learning adapters in a batch), adapters one after another, time to
   switch adapters excluded;
-* ``prefixserve_single``: the same M requests all on one adapter (what mixing costs).
+* ``prefixserve_single``: the same M requests all on one adapter whose prefix length is the
+  mixed requests' mean (what mixing itself costs).
+
+Prefixes are made resident before timing (steady-state serving); materializing them is a
+one-time cost per adapter.
 
     python benchmarks/bench_adapters.py --adapters 16 --requests 64 --max-new-tokens 32
 """
@@ -115,9 +119,13 @@ def main() -> None:
             llm.load_adapter(f"a{i}", path)
         prompts = make_prompts(llm, args.requests, seed=1)
         choice = zipf_choice(args.adapters, args.requests, seed=2)
-        time_prefixserve(llm, prompts[:2], ["a0", "a1"], 2)  # warm up
-        mixed = time_prefixserve(llm, prompts, [f"a{a}" for a in choice], args.max_new_tokens)
-        single = time_prefixserve(llm, prompts, ["a0"] * args.requests, args.max_new_tokens)
+        names = [f"a{i}" for i in range(args.adapters)]
+        time_prefixserve(llm, prompts[: args.adapters], names, 2)  # warm up, prefixes resident
+        lens = [args.prefix_lens[i % len(args.prefix_lens)] for i in range(args.adapters)]
+        mean_len = sum(lens[a] for a in choice) / len(choice)
+        single_name = names[min(range(args.adapters), key=lambda i: abs(lens[i] - mean_len))]
+        mixed = time_prefixserve(llm, prompts, [names[a] for a in choice], args.max_new_tokens)
+        single = time_prefixserve(llm, prompts, [single_name] * args.requests, args.max_new_tokens)
         pad = llm.tokenizer.pad_token_id or 0
         grouped = time_peft(
             model_dir,
@@ -137,6 +145,8 @@ def main() -> None:
         "adapters": args.adapters,
         "requests": args.requests,
         "distinct_adapters_used": len(set(choice)),
+        "mean_prefix_len_mixed": mean_len,
+        "prefix_len_single": lens[names.index(single_name)],
         "new_tokens": args.max_new_tokens,
         "tok_s": {
             "prefixserve_mixed": tokens / mixed,
