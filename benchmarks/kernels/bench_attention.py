@@ -216,7 +216,8 @@ def _sdpa_baseline(q, k, v, meta, shape: Shape, batch: int, q_len: int, prefix: 
 
     from prefixserve.kernels.reference import build_gather_plan
 
-    slots = build_gather_plan(meta).kv_slots  # [B, P + N]
+    (group,) = build_gather_plan(meta).groups  # one group: every request has q_len tokens
+    slots = group.kv_slots  # [B, P + N]
     g = shape.num_q_heads // shape.num_kv_heads
     flat = (-1, shape.num_kv_heads, shape.head_dim)
     keys = k.view(flat)[slots].repeat_interleave(g, dim=2).transpose(1, 2).contiguous()
