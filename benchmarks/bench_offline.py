@@ -48,8 +48,19 @@ ASKS = [
 ]
 
 
-def make_prompts(llm: LLM, n: int, seed: int = 0) -> list[list[int]]:
+def make_prompts(llm: LLM, n: int, seed: int = 0, long_share: float = 0.0) -> list[list[int]]:
+    """``n`` chat prompts of 20-110 tokens; with ``long_share``, that fraction of them instead
+    asks about a pasted document of ~600 tokens (a long-tail length mix)."""
     rng = random.Random(seed)
+    if long_share > 0:
+        document = " ".join(
+            f"Section {i}: notes on {rng.choice(TOPICS)} and {rng.choice(TOPICS)}, with dates, "
+            "names and a few open questions for the reader."
+            for i in range(30)
+        )
+        n_long = max(1, round(n * long_share))
+        long = [[{"role": "user", "content": f"Summarize this document:\n{document}"}]] * n_long
+        return [llm.apply_chat_template(m) for m in long] + make_prompts(llm, n - n_long, seed)
     messages = [
         [{"role": "user", "content": rng.choice(ASKS).format(t=rng.choice(TOPICS))}]
         for _ in range(n)
@@ -94,6 +105,12 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument(
+        "--long-share",
+        type=float,
+        default=0.0,
+        help="fraction of prompts that paste a ~600-token document (long-tail lengths)",
+    )
     parser.add_argument("--out", default="benchmarks/results/offline.json")
     args = parser.parse_args()
 
@@ -108,7 +125,7 @@ def main() -> None:
 
     rows = []
     for batch in args.batch_sizes:
-        prompts = make_prompts(llm, batch, seed=batch)
+        prompts = make_prompts(llm, batch, seed=batch, long_share=args.long_share)
         tokens = batch * args.max_new_tokens
         ours = bench_prefixserve(llm, prompts, args.max_new_tokens)
         theirs = bench_transformers(
@@ -145,6 +162,7 @@ def main() -> None:
                 "benchmark": "offline_throughput",
                 "model": llm.engine.model_path,
                 "dtype": args.dtype,
+                "long_share": args.long_share,
                 "device": str(llm.engine.runner.device),
                 "attention_backend": llm.engine.runner.backend.name,
                 "torch": torch.__version__,
