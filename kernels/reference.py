@@ -53,8 +53,9 @@ class GatherGroup:
 
 @dataclass(slots=True)
 class GatherPlan:
-    """The step as padded groups (shared by all layers). Decodes (one query) and prefill chunks
-    are padded separately, so one long prompt does not pad every decode to its length."""
+    """The step as padded groups (shared by all layers). Requests are grouped by kind (decode or
+    prefill chunk) and by KV length within a factor of two, so one long prompt or context does
+    not pad every other request to its length."""
 
     groups: list[GatherGroup]
     slot_mapping: torch.Tensor
@@ -63,10 +64,9 @@ class GatherPlan:
 
 def build_gather_plan(meta: AttentionMetadata) -> GatherPlan:
     """Turn ``meta`` into gather indices and boolean masks (see the module docstring)."""
-    decode = meta.q_lens == 1
-    mixed = bool(decode.any()) and not bool(decode.all())
-    parts = [decode, ~decode] if mixed else [torch.ones_like(decode)]
-    groups = [_gather_group(meta, part.nonzero().squeeze(1)) for part in parts]
+    kv_lens = (meta.request_prefix_lens + meta.own_lens).long()
+    key = torch.log2(kv_lens.double()).floor().long() * 2 + (meta.q_lens > 1).long()
+    groups = [_gather_group(meta, (key == k).nonzero().squeeze(1)) for k in key.unique()]
     return GatherPlan(groups=groups, slot_mapping=meta.slot_mapping)
 
 
