@@ -65,15 +65,17 @@ class AttentionMetadata:
         return torch.where(self.prefix_ids >= 0, lens, torch.zeros_like(lens))
 
     def to(self, device: torch.device | str) -> AttentionMetadata:
-        """Copy every tensor to ``device`` (non-blocking where the source is pinned)."""
+        """Copy every tensor to ``device`` (asynchronously only towards a GPU: a non-blocking copy
+        to the host could be read before it lands)."""
+        nb = torch.device(device).type == "cuda"
         return AttentionMetadata(
-            cu_q_lens=self.cu_q_lens.to(device, non_blocking=True),
-            own_lens=self.own_lens.to(device, non_blocking=True),
-            block_tables=self.block_tables.to(device, non_blocking=True),
-            slot_mapping=self.slot_mapping.to(device, non_blocking=True),
-            prefix_ids=self.prefix_ids.to(device, non_blocking=True),
-            prefix_lens=self.prefix_lens.to(device, non_blocking=True),
-            prefix_block_tables=self.prefix_block_tables.to(device, non_blocking=True),
+            cu_q_lens=self.cu_q_lens.to(device, non_blocking=nb),
+            own_lens=self.own_lens.to(device, non_blocking=nb),
+            block_tables=self.block_tables.to(device, non_blocking=nb),
+            slot_mapping=self.slot_mapping.to(device, non_blocking=nb),
+            prefix_ids=self.prefix_ids.to(device, non_blocking=nb),
+            prefix_lens=self.prefix_lens.to(device, non_blocking=nb),
+            prefix_block_tables=self.prefix_block_tables.to(device, non_blocking=nb),
             block_size=self.block_size,
             max_q_len=self.max_q_len,
             max_kv_len=self.max_kv_len,

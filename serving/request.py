@@ -52,7 +52,6 @@ class Request:
     num_computed_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
-    num_preemptions: int = 0
     logprobs: list[TokenLogprobs] = field(default_factory=list)
 
     @property

@@ -139,7 +139,6 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         self._free(request)
         request.num_computed_tokens = 0
-        request.num_preemptions += 1
         request.status = RequestStatus.WAITING
         self.waiting.appendleft(request)
         self.num_preemptions += 1
