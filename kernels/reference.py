@@ -92,16 +92,20 @@ def _gather_group(meta: AttentionMetadata, rows: torch.Tensor) -> GatherGroup:
     else:
         kv_slots = own_slot
     kv_valid = j < (pre_lens + own_lens)[:, None]
-    kv_slots = torch.where(kv_valid, kv_slots, torch.zeros_like(kv_slots))
+    # A padded key repeats the request's own first key (a slot it may read anyway), never another
+    # slot of the pool: SDPA masks by adding -inf, and a score that overflowed to +inf would turn
+    # into NaN. So no value stored for another request or adapter can reach this one's output.
+    kv_slots = torch.where(kv_valid, kv_slots, kv_slots[:, :1])
 
     i = torch.arange(num_q, device=device).unsqueeze(0)  # [1, Q]
     q_valid = i < q_lens[:, None]
     starts = meta.cu_q_lens[:-1].long()[rows]
-    q_index = torch.where(q_valid, starts[:, None] + i, torch.zeros_like(i))
+    q_index = torch.where(q_valid, starts[:, None] + i, starts[:, None])  # padded: own first
     q_own_index = (own_lens - q_lens)[:, None] + i  # [B, Q]
     visible = is_prefix[:, None, :] | (own_j[:, None, :] <= q_own_index[:, :, None])
     mask = visible & kv_valid[:, None, :]
-    # Padded query rows attend to one valid key so SDPA returns finite values; they are dropped.
+    # Padded query rows attend to the request's first key so SDPA returns finite values; they
+    # are dropped.
     mask = mask | (~q_valid[:, :, None] & (j == 0)[:, None, :])
     return GatherGroup(
         kv_slots=kv_slots,

@@ -72,9 +72,12 @@ def make_scenario(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     seed: int = 0,
+    spare_first_block: bool = False,
 ) -> Scenario:
     """Build a scenario; request ``b`` has ``own_lens[b] >= q_lens[b]`` own tokens after the step,
-    of which the last ``q_lens[b]`` are this step's queries (written via ``slot_mapping``)."""
+    of which the last ``q_lens[b]`` are this step's queries (written via ``slot_mapping``).
+    ``spare_first_block``: no table uses block 0 (where padded table entries point), so a kernel
+    that reads padding shows up once unreadable slots are poisoned."""
     if not (len(q_lens) == len(own_lens) == len(prefix_ids)):
         raise ValueError("q_lens, own_lens and prefix_ids must have one entry per request")
     if any(q > n or q < 1 for q, n in zip(q_lens, own_lens)):
@@ -87,7 +90,7 @@ def make_scenario(
 
     need = sum(blocks_for(n) for n in own_lens) + sum(blocks_for(p) for p in prefix_lens)
     num_blocks = need + 3  # a few unused blocks so stray reads show up as wrong values
-    free = list(range(num_blocks))
+    free = list(range(1 if spare_first_block else 0, num_blocks))
     rng.shuffle(free)
 
     prefix_tables = [[free.pop() for _ in range(blocks_for(p))] for p in prefix_lens]
@@ -139,3 +142,30 @@ def make_scenario(
         scale=head_dim**-0.5,
     )
     return scenario.to(device) if str(device) != "cpu" else scenario
+
+
+def readable_slots(meta: AttentionMetadata) -> torch.Tensor:
+    """(S,) int64: every pool slot some request of ``meta`` may read (its own tokens and its
+    prefix's). The rest of the pool (free blocks, other tenants' data, the unwritten tails of
+    partly filled blocks) must never influence any output."""
+    bs = meta.block_size
+    slots: list[torch.Tensor] = []
+    for b in range(meta.num_requests):
+        n_own = int(meta.own_lens[b])
+        pos = torch.arange(n_own)
+        slots.append(meta.block_tables[b].long().cpu()[pos // bs] * bs + pos % bs)
+        pid = int(meta.prefix_ids[b])
+        if pid >= 0:
+            pos = torch.arange(int(meta.prefix_lens[pid]))
+            slots.append(meta.prefix_block_tables[pid].long().cpu()[pos // bs] * bs + pos % bs)
+    return torch.cat(slots).unique()
+
+
+def poison_unreadable(scenario: Scenario, value: float) -> None:
+    """Fill every slot no request of ``scenario`` may read with ``value`` (NaN, inf or a huge
+    finite number), in place: a kernel whose output changes has read what it must not."""
+    for cache in (scenario.k_cache, scenario.v_cache):
+        flat = cache.view(-1, *cache.shape[2:])
+        keep = torch.zeros(flat.shape[0], dtype=torch.bool)
+        keep[readable_slots(scenario.meta)] = True
+        flat[(~keep).to(flat.device)] = value

@@ -144,13 +144,33 @@ def _check_config(name: str, config: dict, kind: AdapterKind, shape: ModelShape)
             raise _fail(name, f"{key} is {got} but the base model needs {want}")
 
 
-def _check_values(name: str, tensor: torch.Tensor, max_tokens: int) -> None:
+def max_abs_value(kind: AdapterKind, shape: ModelShape, dtype: torch.dtype) -> float:
+    """The largest magnitude an adapter's values may have on a model of ``shape`` in ``dtype``.
+
+    Attention and normalization sum squares or products over a row: ``q . k`` over ``head_dim``
+    for stored keys (prefix tuning, cartridges), ``sum(x^2)`` over ``hidden_size`` in the first
+    norm for embeddings (prompt tuning). Both accumulate in fp32, so a row of values up to
+    ``sqrt(fp32 max / width)`` cannot overflow; stored values must also fit ``dtype`` itself.
+    Beyond it, an adapter's scores become infinite, and an infinite score turns into NaN."""
+    width = shape.head_dim if kind.is_kv else shape.hidden_size
+    accumulate = math.sqrt(torch.finfo(torch.float32).max / width)
+    return min(accumulate, torch.finfo(dtype).max)
+
+
+def _check_values(name: str, tensor: torch.Tensor, max_tokens: int, limit: float) -> None:
     if tensor.dim() != 2:
         raise _fail(
             name, f"prompt_embeddings must be 2-D [P, width], got shape {tuple(tensor.shape)}"
         )
     if not torch.isfinite(tensor).all():
         raise _fail(name, "the prompt embeddings contain NaN or infinite values")
+    peak = float(tensor.abs().max()) if tensor.numel() else 0.0
+    if peak > limit:
+        raise _fail(
+            name,
+            f"its values reach {peak:.3g} in magnitude, beyond {limit:.3g}, the most this model "
+            "can attend over without overflow (trained adapters stay far below; check the file)",
+        )
     if tensor.shape[0] < 1:
         raise _fail(name, "the adapter has 0 virtual tokens")
     if tensor.shape[0] > max_tokens:
@@ -161,8 +181,15 @@ def _check_values(name: str, tensor: torch.Tensor, max_tokens: int) -> None:
         )
 
 
-def load_peft_adapter(name: str, path: str | Path, shape: ModelShape, max_tokens: int) -> Adapter:
-    """Read and validate a PEFT prompt-learning adapter directory for a model of ``shape``.
+def load_peft_adapter(
+    name: str,
+    path: str | Path,
+    shape: ModelShape,
+    max_tokens: int,
+    dtype: torch.dtype = torch.float32,
+) -> Adapter:
+    """Read and validate a PEFT prompt-learning adapter directory for a model of ``shape`` whose
+    activations and KV cache are ``dtype``.
 
     ``max_tokens``: the longest prefix allowed (context length minus room for a request).
     Raises :class:`AdapterError` naming the adapter and the mismatch.
@@ -178,7 +205,7 @@ def load_peft_adapter(name: str, path: str | Path, shape: ModelShape, max_tokens
         )
     _check_config(name, config, kind, shape)
     weights = _read_weights(name, directory)
-    _check_values(name, weights, max_tokens)
+    _check_values(name, weights, max_tokens, max_abs_value(kind, shape, dtype))
     num_tokens = weights.shape[0]
     if kind.is_kv:
         width = shape.num_layers * 2 * shape.num_kv_heads * shape.head_dim

@@ -163,7 +163,9 @@ class LLMEngine:
         self.prefixes.check_name_free(name)  # before reading any file
         max_tokens = self.max_model_len - 2  # room for one prompt token and one new token
         if path is not None:
-            adapter = load_peft_adapter(name, path, self.runner.shape, max_tokens)
+            adapter = load_peft_adapter(
+                name, path, self.runner.shape, max_tokens, self.runner.kv_cache.spec.dtype
+            )
         else:
             adapter = text_adapter(name, self.tokenize(str(text)), max_tokens)
         self.prefixes.add(adapter)

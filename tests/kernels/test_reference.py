@@ -7,7 +7,7 @@ from prefixserve.kernels.reference import (
     naive_prefix_attention,
     paged_prefix_attention_from_metadata,
 )
-from prefixserve.kernels.testing import adapter_mix, make_scenario
+from prefixserve.kernels.testing import adapter_mix, make_scenario, poison_unreadable
 
 CASES = {
     "decode": ([1, 1, 1, 1, 1], [5, 17, 1, 33, 16]),
@@ -36,4 +36,28 @@ def test_reference_matches_loop(case, mix, hq, hkv, block_size):
     )
     got = paged_prefix_attention_from_metadata(sc.query, sc.k_cache, sc.v_cache, sc.meta, sc.scale)
     want = naive_prefix_attention(sc.query, sc.k_cache, sc.v_cache, sc.meta, sc.scale)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), 3e38])
+@pytest.mark.parametrize("case", list(CASES))
+def test_unreadable_slots_never_reach_an_output(case, poison):
+    """Tenant isolation: whatever sits in blocks a request may not read (another adapter's huge
+    keys, a freed block's stale data, NaN) leaves its output unchanged. Requests of different
+    KV lengths share a padded group here, so padding is exercised."""
+    q_lens, own_lens = CASES[case]
+    sc = make_scenario(
+        q_lens,
+        own_lens,
+        adapter_mix("half_none", len(q_lens), 3, seed=1),
+        [1, 17, 5],
+        num_q_heads=6,
+        num_kv_heads=2,
+        head_dim=16,
+        block_size=4,
+        spare_first_block=True,
+    )
+    want = naive_prefix_attention(sc.query, sc.k_cache, sc.v_cache, sc.meta, sc.scale)
+    poison_unreadable(sc, poison)
+    got = paged_prefix_attention_from_metadata(sc.query, sc.k_cache, sc.v_cache, sc.meta, sc.scale)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -7,6 +7,7 @@ batch size and kernel-specific knobs (all pairs of values appear; far fewer than
 import pytest
 import torch
 
+from prefixserve.kernels.testing import make_scenario, poison_unreadable
 from prefixserve.kernels.triton_attention import plan_step, prefix_paged_attention
 from prefixserve.kernels.triton_testing import assert_matches_oracle, pairwise, random_step
 
@@ -113,6 +114,32 @@ def test_metadata_entry_point_and_long_split_decode(device):
     assert plan.decode_splits > 1
     assert_matches_oracle(
         prefix_paged_attention(sc.query, sc.k_cache, sc.v_cache, sc.meta, sc.scale), sc
+    )
+
+
+@pytest.mark.parametrize("poison", [float("nan"), 3e38])
+@pytest.mark.parametrize(
+    ("kind", "mode"), [("decode", "plain"), ("decode", "grouped"), ("chunked", "auto")]
+)
+def test_unreadable_slots_never_reach_an_output(kind, mode, poison, device):
+    """Tenant isolation: NaN or huge values in every slot no request may read (free blocks,
+    other adapters' data, unwritten block tails, block 0 where padding points) change nothing."""
+    sc = make_scenario(
+        [1, 1, 1, 1] if kind == "decode" else [3, 1, 6, 2],
+        [9, 2, 23, 6],
+        [0, -1, 1, 0],
+        [5, 19],
+        num_q_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        block_size=4,
+        spare_first_block=True,
+    )
+    poison_unreadable(sc, poison)
+    sc = sc.to(device)
+    plan = plan_step(sc.meta, num_q_heads=4, num_kv_heads=2, head_dim=16, decode_mode=mode)
+    assert_matches_oracle(
+        prefix_paged_attention(sc.query, sc.k_cache, sc.v_cache, plan, sc.scale), sc
     )
 
 
