@@ -35,6 +35,7 @@ DEFAULT_SERVER = "127.0.0.1:50051"
 def _serve(args: argparse.Namespace) -> int:
     from .config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
     from .default_model import cache_root
+    from .quota import TenantQuota
     from .server import AdapterSpec, ApiKeys, PrefixServer, ServerConfig, serve
 
     logging.basicConfig(
@@ -66,6 +67,12 @@ def _serve(args: argparse.Namespace) -> int:
         metrics_host=args.metrics_host,
         max_waiting=args.max_waiting,
         max_upload_bytes=int(args.max_upload_mb * 2**20),
+        max_request_bytes=int(args.max_request_kb * 2**10),
+        quota=TenantQuota(
+            max_adapters=args.max_adapters_per_tenant,
+            max_adapter_bytes=int(args.max_adapter_mb_per_tenant * 2**20),
+            max_waiting=args.max_waiting_per_tenant,
+        ),
         shutdown_grace=args.shutdown_grace,
     )
     keys = (
@@ -118,7 +125,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "(default: ~/.cache/prefixserve/registry; 'none' = forget on exit)",
     )
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
-    p.add_argument("--metrics-host", default="127.0.0.1", help="address of /metrics")
+    p.add_argument(
+        "--metrics-host",
+        help="address of /metrics, which has no authentication (default: the same as --host)",
+    )
     p.add_argument("--kv-memory-gib", type=float, default=1.0, help="CPU: KV pool size in GiB")
     p.add_argument(
         "--kv-memory-fraction",
@@ -136,7 +146,35 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         default=256,
         help="queued requests before new ones get RESOURCE_EXHAUSTED",
     )
+    from .quota import TenantQuota
+
+    quota = TenantQuota()
+    p.add_argument(
+        "--max-waiting-per-tenant",
+        type=int,
+        default=quota.max_waiting,
+        help="queued requests of one tenant before its new ones get RESOURCE_EXHAUSTED "
+        "(servers with API keys; default %(default)s)",
+    )
+    p.add_argument(
+        "--max-adapters-per-tenant",
+        type=int,
+        default=quota.max_adapters,
+        help="private adapters one tenant may hold (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-adapter-mb-per-tenant",
+        type=float,
+        default=(quota.max_adapter_bytes or 0) / 2**20,
+        help="MiB of adapter files one tenant may hold (default %(default)s)",
+    )
     p.add_argument("--max-upload-mb", type=float, default=64, help="largest adapter upload")
+    p.add_argument(
+        "--max-request-kb",
+        type=float,
+        default=1024,
+        help="largest Generate, GenerateStream or Tokenize request (prompt, stop strings...)",
+    )
     p.add_argument(
         "--shutdown-grace",
         type=float,
@@ -199,7 +237,7 @@ def _adapters(args: argparse.Namespace) -> int:
             f"{'public' if a.public else 'owned by ' + a.owner}"
         )
     elif args.action == "unload":
-        now = client.unload_adapter(args.name)
+        now = client.unload_adapter(args.name, owner=args.owner)
         print(f"unloaded {args.name}" + ("" if now else " (once its running requests end)"))
     else:
         adapters = client.list_adapters(all_tenants=args.all_tenants)
@@ -279,6 +317,9 @@ def _add_client_commands(sub: argparse._SubParsersAction) -> None:
     load.add_argument("--public", action="store_true", help="usable by every tenant (admins)")
     unload = actions.add_parser("unload", help="unload an adapter (after its running requests)")
     unload.add_argument("name")
+    unload.add_argument(
+        "--owner", metavar="TENANT", help="unload this tenant's private adapter (admin keys only)"
+    )
     listing = actions.add_parser("list", help="the adapters you can use")
     listing.add_argument("--all-tenants", action="store_true", help="every tenant's (admins)")
     for p in (load, unload, listing):

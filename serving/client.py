@@ -307,9 +307,10 @@ class Client(_Base):
         request = load_request(name, path, upload, text, public)
         return Adapter.from_proto(self.adapters.LoadAdapter(request, **self._kw(None)))
 
-    def unload_adapter(self, name: str) -> bool:
-        """True if it is gone now, False if it goes when its running requests end."""
-        request = pb.UnloadAdapterRequest(name=name)
+    def unload_adapter(self, name: str, owner: str | None = None) -> bool:
+        """True if it is gone now, False if it goes when its running requests end.
+        ``owner`` (admin keys only): unload that tenant's private adapter ``name``."""
+        request = pb.UnloadAdapterRequest(name=name, owner=owner or "")
         return self.adapters.UnloadAdapter(request, **self._kw(None)).unloaded_now
 
     def list_adapters(self, all_tenants: bool = False) -> list[Adapter]:
@@ -317,8 +318,8 @@ class Client(_Base):
         response = self.adapters.ListAdapters(request, **self._kw(None))
         return [Adapter.from_proto(a) for a in response.adapters]
 
-    def get_adapter(self, name: str) -> Adapter:
-        request = pb.GetAdapterRequest(name=name)
+    def get_adapter(self, name: str, owner: str | None = None) -> Adapter:
+        request = pb.GetAdapterRequest(name=name, owner=owner or "")
         return Adapter.from_proto(self.adapters.GetAdapter(request, **self._kw(None)))
 
     def health(self, service: str = "") -> str:
@@ -411,8 +412,8 @@ class AsyncClient(_Base):
         request = load_request(name, path, upload, text, public)
         return Adapter.from_proto(await self.adapters.LoadAdapter(request, **self._kw(None)))
 
-    async def unload_adapter(self, name: str) -> bool:
-        request = pb.UnloadAdapterRequest(name=name)
+    async def unload_adapter(self, name: str, owner: str | None = None) -> bool:
+        request = pb.UnloadAdapterRequest(name=name, owner=owner or "")
         return (await self.adapters.UnloadAdapter(request, **self._kw(None))).unloaded_now
 
     async def list_adapters(self, all_tenants: bool = False) -> list[Adapter]:
@@ -420,8 +421,8 @@ class AsyncClient(_Base):
         response = await self.adapters.ListAdapters(request, **self._kw(None))
         return [Adapter.from_proto(a) for a in response.adapters]
 
-    async def get_adapter(self, name: str) -> Adapter:
-        request = pb.GetAdapterRequest(name=name)
+    async def get_adapter(self, name: str, owner: str | None = None) -> Adapter:
+        request = pb.GetAdapterRequest(name=name, owner=owner or "")
         return Adapter.from_proto(await self.adapters.GetAdapter(request, **self._kw(None)))
 
     async def close(self) -> None:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 from grpc import aio
 
@@ -20,13 +22,15 @@ from ..adapters import AdapterError
 from ..async_engine import AsyncEngine
 from ..engine import LLMEngine
 from ..prefix_store import AdapterInfo
+from ..text import shorten
 from . import protocol
-from .errors import AlreadyExistsError, PermissionDeniedError, TooLargeError
-from .registry import AdapterRecord, AdapterRegistry
+from .errors import AlreadyExistsError, PermissionDeniedError, QuotaError, TooLargeError
+from .registry import AdapterRecord, AdapterRegistry, not_found
 from .service import ServingState
 from .tenants import Tenant, check_name
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,8 +81,26 @@ def _client_words(message: str, staged: Path, record: AdapterRecord) -> str:
 
 
 class AdapterService(pb_grpc.AdapterServiceServicer):
+    """Adapter changes are transactions. Once a load or unload has begun it runs to its end on
+    the server whatever its caller does (a cancelled call, an expired deadline, a closed
+    connection); a load whose caller went away is then undone, so a load that did not answer
+    OK leaves nothing behind: no engine adapter, no registry record, no staged file."""
+
     def __init__(self, state: ServingState) -> None:
         self.state = state
+        self._transactions: set[asyncio.Task[Any]] = set()
+
+    def _detach(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        """Run ``work`` as a task of its own that the caller's cancellation does not reach."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._transactions.add(task)
+        task.add_done_callback(self._transactions.discard)
+        return task
+
+    async def drain(self) -> None:
+        """Wait until no adapter transaction is running (before the engine stops)."""
+        while self._transactions:
+            await asyncio.gather(*list(self._transactions), return_exceptions=True)
 
     async def LoadAdapter(
         self, request: pb.LoadAdapterRequest, context: aio.ServicerContext
@@ -89,26 +111,81 @@ class AdapterService(pb_grpc.AdapterServiceServicer):
         if public and not tenant.admin:
             raise PermissionDeniedError("only an admin key can load public adapters")
         record = AdapterRecord(request.name, None if public else tenant.name, source="")
+        self.state.registry.check_free(record.owner, record.name)  # fail fast, before any upload
+        load = self._detach(self._load(engine, request, tenant, record))
+        try:
+            info = await asyncio.shield(load)
+        except asyncio.CancelledError:
+            self._detach(self._undo_load(engine, load, record))
+            raise
+        logger.info("tenant %s loaded adapter %s (%s)", tenant.name, record.engine_name, info.kind)
+        return protocol.adapter_message(record, info, admin=tenant.admin)
+
+    async def _load(
+        self,
+        engine: AsyncEngine,
+        request: pb.LoadAdapterRequest,
+        tenant: Tenant,
+        record: AdapterRecord,
+    ) -> AdapterInfo:
+        """Stage, check the quota, load into the engine, record: all of it or nothing."""
+        registry = self.state.registry
         async with self.state.adapter_lock:
-            self.state.registry.check_free(record.owner, record.name)
+            registry.check_free(record.owner, record.name)
             staged = await self._stage(request, tenant, record)
             try:
+                record.size_bytes = await asyncio.to_thread(registry.staged_bytes, staged)
+                self._check_quota(record)
                 source = AdapterRegistry.adapter_source(staged)
                 info = await _engine_load(engine, record.engine_name, source)
             except AdapterError as e:
-                await asyncio.to_thread(self.state.registry.discard, staged)
+                await asyncio.to_thread(registry.discard, staged)
                 raise AdapterError(_client_words(str(e), staged, record)) from None
             except BaseException:
-                await asyncio.to_thread(self.state.registry.discard, staged)
+                await asyncio.to_thread(registry.discard, staged)
                 raise
             record.kind = info.kind
             try:
-                await asyncio.to_thread(self.state.registry.add, record, staged)
-            except OSError:
+                await asyncio.to_thread(registry.add, record, staged)
+            except BaseException:
+                await asyncio.to_thread(registry.discard, staged)
                 await engine.run(lambda e: e.unload_adapter(record.engine_name))
                 raise
-        logger.info("tenant %s loaded adapter %s (%s)", tenant.name, record.engine_name, info.kind)
-        return protocol.adapter_message(record, info)
+        return info
+
+    async def _undo_load(
+        self, engine: AsyncEngine, load: asyncio.Task[AdapterInfo], record: AdapterRecord
+    ) -> None:
+        """The caller of ``load`` went away: once it ends, remove what it made."""
+        try:
+            await load
+        except Exception:
+            return  # it failed and left nothing
+        async with self.state.adapter_lock:
+            if self.state.registry.records.get(record.engine_name) is not record:
+                return  # already unloaded by another call
+            await engine.run(lambda e: e.unload_adapter(record.engine_name))
+            await asyncio.to_thread(self.state.registry.remove, record)
+        logger.info("load of adapter %s undone: its caller went away", record.engine_name)
+
+    def _check_quota(self, record: AdapterRecord) -> None:
+        quota = self.state.quota
+        if record.owner is None:
+            return  # public adapters are the operator's
+        count, size = self.state.registry.usage(record.owner)
+        if quota.max_adapters is not None and count + 1 > quota.max_adapters:
+            raise QuotaError(
+                f"tenant {record.owner!r} already has {count} adapters, the most a tenant may "
+                f"hold (server option --max-adapters-per-tenant {quota.max_adapters}); "
+                "unload one first"
+            )
+        limit = quota.max_adapter_bytes
+        if limit is not None and size + record.size_bytes > limit:
+            raise QuotaError(
+                f"this adapter ({record.size_bytes} bytes) and tenant {record.owner!r}'s others "
+                f"({size} bytes) exceed the {limit / 2**20:.4g} MiB a tenant "
+                "may hold (server option --max-adapter-mb-per-tenant); unload one first"
+            )
 
     async def _stage(
         self, request: pb.LoadAdapterRequest, tenant: Tenant, record: AdapterRecord
@@ -151,16 +228,38 @@ class AdapterService(pb_grpc.AdapterServiceServicer):
     ) -> pb.UnloadAdapterResponse:
         tenant = self.state.authenticate(context)
         engine = self.state.ready()
-        async with self.state.adapter_lock:
-            record = self.state.registry.resolve(tenant, request.name)
-            if record.owner is None and not tenant.admin:
-                raise PermissionDeniedError(
-                    f"adapter {request.name!r} is public; only an admin key can unload it"
-                )
-            now = await engine.run(lambda e: e.unload_adapter(record.engine_name))
-            await asyncio.to_thread(self.state.registry.remove, record)
+        record = self._resolve(tenant, request.name, request.owner)
+        if record.owner is None and not tenant.admin:
+            raise PermissionDeniedError(
+                f"adapter {shorten(request.name)} is public; only an admin key can unload it"
+            )
+        now = await asyncio.shield(self._detach(self._unload(engine, record)))
         logger.info("tenant %s unloaded adapter %s", tenant.name, record.engine_name)
         return pb.UnloadAdapterResponse(unloaded_now=now)
+
+    async def _unload(self, engine: AsyncEngine, record: AdapterRecord) -> bool:
+        """Unload from the engine and the registry together (runs to its end once begun)."""
+        async with self.state.adapter_lock:
+            if self.state.registry.records.get(record.engine_name) is not record:
+                raise not_found(record.name)  # another call unloaded it meanwhile
+
+            def unload(e: LLMEngine) -> bool:
+                if record.engine_name not in e.prefixes.prefixes:
+                    return True  # nothing left to unload in the engine
+                return e.unload_adapter(record.engine_name)
+
+            now = await engine.run(unload)
+            await asyncio.to_thread(self.state.registry.remove, record)
+        return now
+
+    def _resolve(self, tenant: Tenant, name: str, owner: str) -> AdapterRecord:
+        """The adapter a call names: ``owner``'s private one (admins, or the owner itself), else
+        as ``tenant`` sees ``name``."""
+        if not owner or (owner == tenant.name and not tenant.admin):
+            return self.state.registry.resolve(tenant, name)
+        if not tenant.admin:
+            raise PermissionDeniedError("only an admin key can name another tenant's adapter")
+        return self.state.registry.owned(owner, name)
 
     async def ListAdapters(
         self, request: pb.ListAdaptersRequest, context: aio.ServicerContext
@@ -172,7 +271,11 @@ class AdapterService(pb_grpc.AdapterServiceServicer):
         records = self.state.registry.visible(tenant, request.all_tenants)
         infos = await _engine_info(engine, [r.engine_name for r in records])
         return pb.ListAdaptersResponse(
-            adapters=[protocol.adapter_message(r, i) for r, i in zip(records, infos) if i]
+            adapters=[
+                protocol.adapter_message(r, i, admin=tenant.admin)
+                for r, i in zip(records, infos)
+                if i
+            ]
         )
 
     async def GetAdapter(
@@ -180,11 +283,11 @@ class AdapterService(pb_grpc.AdapterServiceServicer):
     ) -> pb.Adapter:
         tenant = self.state.authenticate(context)
         engine = self.state.ready()
-        record = self.state.registry.resolve(tenant, request.name)
+        record = self._resolve(tenant, request.name, request.owner)
         (info,) = await _engine_info(engine, [record.engine_name])
         if info is None:
             raise AdapterError(f"adapter {request.name!r} was just unloaded")
-        return protocol.adapter_message(record, info)
+        return protocol.adapter_message(record, info, admin=tenant.admin)
 
 
 async def restore_adapters(state: ServingState, specs: list[AdapterSpec]) -> None:

@@ -24,8 +24,9 @@ from .._proto import prefixserve_pb2_grpc as pb_grpc
 from ..async_engine import AsyncEngine
 from ..config import EngineConfig
 from ..engine import LLMEngine
+from ..quota import TenantQuota
 from .adapter_service import AdapterService, AdapterSpec, restore_adapters
-from .errors import ErrorInterceptor
+from .errors import ErrorInterceptor, request_limits
 from .metrics import ServerMetrics
 from .registry import AdapterRegistry
 from .service import GenerationService, ServingState, model_info
@@ -57,10 +58,17 @@ class ServerConfig:
     tls_key: str | None = None
     metrics_port: int | None = None
     """Prometheus ``/metrics`` HTTP port; None = off, 0 = a free port."""
-    metrics_host: str = "127.0.0.1"
+    metrics_host: str | None = None
+    """Address of ``/metrics`` (it has no authentication); None = the same as ``host``."""
     max_waiting: int | None = 256
     """Requests that may wait for the engine; more answer RESOURCE_EXHAUSTED."""
     max_upload_bytes: int = 64 * 2**20
+    """Largest adapter upload (LoadAdapter files or text)."""
+    max_request_bytes: int = 2**20
+    """Largest Generate, GenerateStream or Tokenize request; larger ones answer
+    RESOURCE_EXHAUSTED before they are parsed."""
+    quota: TenantQuota = field(default_factory=TenantQuota)
+    """What one tenant may hold: adapters, adapter bytes, waiting requests."""
     shutdown_grace: float = 10.0
     """Seconds in-flight requests get to finish on shutdown before they are aborted."""
 
@@ -71,6 +79,14 @@ class ServerConfig:
             raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
         if self.max_upload_bytes < 1:
             raise ValueError(f"max_upload_bytes must be >= 1, got {self.max_upload_bytes}")
+        if self.max_request_bytes < 1:
+            raise ValueError(f"max_request_bytes must be >= 1, got {self.max_request_bytes}")
+
+    @property
+    def metrics_bind_host(self) -> str:
+        """Where ``/metrics`` listens: ``metrics_host``, else the gRPC server's own host."""
+        host = self.host if self.metrics_host is None else self.metrics_host
+        return host.strip("[]")  # '[::]' is gRPC's spelling; HTTP servers take '::'
 
 
 class PrefixServer:
@@ -84,15 +100,19 @@ class PrefixServer:
             registry=AdapterRegistry(config.registry_dir),
             metrics=ServerMetrics(lambda: self.state.engine.engine if self.state.engine else None),
             max_upload_bytes=config.max_upload_bytes,
+            quota=config.quota,
         )
         self.health = health.aio.HealthServicer()
         self.port = 0
         self.metrics_port: int | None = None
-        # gRPC's own size check answers RESOURCE_EXHAUSTED too; ours names the limit.
-        options = [("grpc.max_receive_message_length", config.max_upload_bytes + 2**20)]
-        self._grpc = aio.server(interceptors=[ErrorInterceptor()], options=options)
+        # gRPC's own limit must let uploads through; every other RPC has its own, smaller limit
+        # that the interceptor checks before parsing (and that names the limit).
+        limits = request_limits(config.max_upload_bytes, config.max_request_bytes)
+        options = [("grpc.max_receive_message_length", max(limits.values()))]
+        self._grpc = aio.server(interceptors=[ErrorInterceptor(limits)], options=options)
         pb_grpc.add_GenerationServiceServicer_to_server(GenerationService(self.state), self._grpc)
-        pb_grpc.add_AdapterServiceServicer_to_server(AdapterService(self.state), self._grpc)
+        self.adapters = AdapterService(self.state)
+        pb_grpc.add_AdapterServiceServicer_to_server(self.adapters, self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         names = (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, self._grpc)
@@ -115,7 +135,7 @@ class PrefixServer:
         await self._grpc.start()
         if self.config.metrics_port is not None:
             self.metrics_port = self.state.metrics.serve(
-                self.config.metrics_port, self.config.metrics_host
+                self.config.metrics_port, self.config.metrics_bind_host
             )
         logger.info("listening on %s (model loading)", self.address)
 
@@ -138,6 +158,7 @@ class PrefixServer:
         grace = self.config.shutdown_grace if grace is None else grace
         await self.health.enter_graceful_shutdown()
         await self._grpc.stop(grace)
+        await self.adapters.drain()  # loads and unloads finish (or undo) before the engine stops
         if self.state.engine is not None:
             await self.state.engine.shutdown(timeout=0)
         self.state.metrics.close()

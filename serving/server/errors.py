@@ -4,23 +4,36 @@ Handlers raise plain exceptions (``ValueError`` from validation, the engine's ``
 the errors below); :class:`ErrorInterceptor` wraps every handler and turns whatever escapes into a
 status with an actionable message. Unexpected exceptions become INTERNAL with an error id that is
 also logged with the traceback; nothing leaves as UNKNOWN and no request takes the server down.
+
+The interceptor also guards parsing: a request larger than its RPC's limit (see
+:func:`request_limits`) answers RESOURCE_EXHAUSTED unparsed, and one that is not a valid message
+answers INVALID_ARGUMENT.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from grpc import aio
 
+from .._proto import prefixserve_pb2 as pb
 from ..async_engine import EngineDeadError, QueueFullError
 from ..engine import StepError
 
 logger = logging.getLogger(__name__)
+
+MAX_STATUS_MESSAGE = 2000
+"""Characters of a status message sent (and logged); gRPC refuses statuses beyond its metadata
+limit (8 KiB by default), and the client would then see RESOURCE_EXHAUSTED instead."""
+SMALL_REQUEST_BYTES = 64 * 2**10
+"""Limit of the RPCs that carry only names and flags."""
 
 
 class ServiceError(Exception):
@@ -46,7 +59,21 @@ class PermissionDeniedError(ServiceError):
 
 
 class TooLargeError(ServiceError):
-    """An upload beyond the server's size limit (gRPC's own code for oversized messages)."""
+    """A request or upload beyond the server's size limit (gRPC's own code for oversized
+    messages)."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class MalformedRequestError(ServiceError):
+    """Request bytes that do not parse as the RPC's message."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class QuotaError(ServiceError):
+    """A tenant's quota (adapters, adapter bytes, waiting requests) is used up; the message
+    names the limit and the server option that sets it."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
@@ -83,16 +110,94 @@ def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
     )
 
 
+def request_limits(max_upload_bytes: int, max_request_bytes: int) -> dict[str, int]:
+    """The largest request, in bytes, each RPC accepts, by method path.
+
+    LoadAdapter carries uploads (``max_upload_bytes`` plus room for the rest of the message);
+    the generation RPCs carry prompts and stop lists (``max_request_bytes``); the rest carry
+    names and flags. An RPC missing here gets :data:`SMALL_REQUEST_BYTES`.
+    """
+    generation, adapters = "/prefixserve.v1.GenerationService/", "/prefixserve.v1.AdapterService/"
+    return {
+        adapters + "LoadAdapter": max_upload_bytes + 2**20,
+        generation + "Generate": max_request_bytes,
+        generation + "GenerateStream": max_request_bytes,
+        generation + "Tokenize": max_request_bytes,
+        generation + "GetModelInfo": SMALL_REQUEST_BYTES,
+        adapters + "UnloadAdapter": SMALL_REQUEST_BYTES,
+        adapters + "ListAdapters": SMALL_REQUEST_BYTES,
+        adapters + "GetAdapter": SMALL_REQUEST_BYTES,
+    }
+
+
+def _size(num_bytes: int) -> str:
+    if num_bytes < 2**20:
+        return f"{num_bytes / 2**10:.4g} KiB"
+    return f"{num_bytes / 2**20:.4g} MiB"
+
+
+def _capped(message: str) -> str:
+    if len(message) <= MAX_STATUS_MESSAGE:
+        return message
+    return f"{message[:MAX_STATUS_MESSAGE]}... (message cut, {len(message)} chars in all)"
+
+
 async def _abort(context: aio.ServicerContext, error: Exception, method: str) -> None:
     code, message = status_of(error)
+    message = _capped(message)
     if code is not grpc.StatusCode.INTERNAL:
         logger.info("%s -> %s: %s", method, code.name, message)
     await context.abort(code, message)
 
 
+@dataclass(frozen=True, slots=True)
+class RejectedRequest:
+    """What the guarded deserializer hands the handler instead of a request it refused."""
+
+    error: ServiceError
+
+
+def _guarded_deserializer(
+    deserialize: Callable[[bytes], Any] | None, method: str, limit: int
+) -> Callable[[bytes], Any]:
+    """``deserialize`` behind a size check, returning :class:`RejectedRequest` instead of
+    raising: grpc would answer an exception raised here with UNKNOWN, before any handler runs.
+    """
+    rpc = method.rpartition("/")[2]
+    try:
+        full_name = method.strip("/").replace("/", ".")
+        message_type = pb.DESCRIPTOR.pool.FindMethodByName(full_name).input_type.full_name
+    except KeyError:
+        message_type = f"{rpc} request"
+
+    def parse(raw: bytes) -> Any:
+        if len(raw) > limit:
+            return RejectedRequest(
+                TooLargeError(
+                    f"{rpc} requests are limited to {limit} bytes ({_size(limit)}) on "
+                    f"this server; this one has {len(raw)} bytes"
+                )
+            )
+        if deserialize is None:
+            return raw
+        try:
+            return deserialize(raw)
+        except Exception as e:  # protobuf's DecodeError, or anything else malformed bytes cause
+            reason = str(e).rpartition(": ")[2] or type(e).__name__
+            return RejectedRequest(
+                MalformedRequestError(
+                    f"the request is not a valid {message_type} message: {reason}"
+                )
+            )
+
+    return parse
+
+
 def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Any]:
     async def handler(request: Any, context: aio.ServicerContext) -> Any:
         try:
+            if isinstance(request, RejectedRequest):
+                raise request.error
             return await behavior(request, context)
         except (aio.AbortError, asyncio.CancelledError):
             raise
@@ -102,11 +207,17 @@ def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callabl
     return handler
 
 
-def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str) -> Callable[..., Any]:
+def _wrap_stream(
+    behavior: Callable[..., AsyncGenerator[Any, None]], method: str
+) -> Callable[..., Any]:
     async def handler(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
         try:
-            async for response in behavior(request, context):
-                yield response
+            if isinstance(request, RejectedRequest):
+                raise request.error
+            # Closed with this handler (a client that goes away), not whenever it is collected.
+            async with contextlib.aclosing(behavior(request, context)) as responses:
+                async for response in responses:
+                    yield response
         except (aio.AbortError, asyncio.CancelledError):
             raise
         except Exception as e:
@@ -116,10 +227,15 @@ def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str) -> Ca
 
 
 class ErrorInterceptor(aio.ServerInterceptor):
-    """Wraps every handler of the ``prefixserve.v1`` services with :func:`status_of` (health
-    and reflection are grpc's own and handle their errors themselves)."""
+    """Wraps every handler of the ``prefixserve.v1`` services with :func:`status_of` and its
+    request parsing with the size limits of :func:`request_limits` (health and reflection are
+    grpc's own and handle their errors themselves)."""
 
     PREFIX = "/prefixserve.v1."
+
+    def __init__(self, limits: dict[str, int]) -> None:
+        """limits: the largest request of each RPC by method path (:func:`request_limits`)."""
+        self.limits = limits
 
     async def intercept_service(
         self,
@@ -130,16 +246,19 @@ class ErrorInterceptor(aio.ServerInterceptor):
         method: str = handler_call_details.method
         if handler is None or not method.startswith(self.PREFIX):
             return handler
+        deserializer = _guarded_deserializer(
+            handler.request_deserializer, method, self.limits.get(method, SMALL_REQUEST_BYTES)
+        )
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 _wrap_unary(handler.unary_unary, method),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
                 _wrap_stream(handler.unary_stream, method),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         return handler

@@ -11,6 +11,7 @@ from ..prefix_store import AdapterInfo
 from ..request import RequestOutput
 from ..sampler import TokenLogprobs
 from ..sampling_params import SamplingParams
+from ..text import shorten
 from .registry import AdapterRecord
 
 FINISH_REASONS = {
@@ -53,7 +54,7 @@ def chat_token_ids(
     for i, m in enumerate(messages):
         if m.role not in ("system", "user", "assistant"):
             raise ValueError(
-                f"chat message {i}: role must be system, user or assistant, got {m.role!r}"
+                f"chat message {i}: role must be system, user or assistant, got {shorten(m.role)}"
             )
     text = tokenizer.apply_chat_template(
         [{"role": m.role, "content": m.content} for m in messages],
@@ -109,7 +110,8 @@ def full_response(out: RequestOutput, adapter_tokens: int, request_id: str) -> p
     )
 
 
-def adapter_message(record: AdapterRecord, info: AdapterInfo) -> pb.Adapter:
+def adapter_message(record: AdapterRecord, info: AdapterInfo, *, admin: bool) -> pb.Adapter:
+    """The adapter as the caller sees it; ``admin``: whether the caller may see server paths."""
     return pb.Adapter(
         name=record.name,
         owner=record.owner or "",
@@ -121,5 +123,5 @@ def adapter_message(record: AdapterRecord, info: AdapterInfo) -> pb.Adapter:
         resident=info.resident,
         requests=info.requests,
         unloading=info.unloading,
-        source=record.source,
+        source=record.source_for(admin),
     )

@@ -25,6 +25,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..text import shorten
 from .errors import AlreadyExistsError, NotFoundError
 from .tenants import Tenant, check_name
 
@@ -34,6 +35,8 @@ RECORD_FILE = "registry.json"
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 TEXT_FILE = "prefix.txt"
+PLAIN_SOURCES = ("upload", "text", "command line")
+"""Sources that are not a server path (shown to every tenant as they are)."""
 
 
 @dataclass(slots=True)
@@ -45,6 +48,8 @@ class AdapterRecord:
     """'upload', 'text', the server path it was copied from, or 'command line'."""
     kind: str = ""
     created: float = 0.0
+    size_bytes: int = 0
+    """Bytes of its files (counted against the owner's quota)."""
     persistent: bool = True
     """False for adapters given on the command line: they are not written to the registry."""
 
@@ -55,11 +60,19 @@ class AdapterRecord:
     def visible_to(self, tenant: Tenant) -> bool:
         return self.owner is None or self.owner == tenant.name
 
+    def source_for(self, admin: bool) -> str:
+        """The source as a caller sees it: server paths are shown to admins only (they tell
+        the server's layout), others read 'server path'."""
+        if admin or self.source in PLAIN_SOURCES:
+            return self.source
+        return "server path"
+
 
 def not_found(name: str) -> NotFoundError:
     # The same words whether the adapter is missing or another tenant's: existence never leaks.
     return NotFoundError(
-        f"adapter {name!r} is not loaded for you; ListAdapters shows the adapters you can use"
+        f"adapter {shorten(name)} is not loaded for you; "
+        "ListAdapters shows the adapters you can use"
     )
 
 
@@ -87,6 +100,18 @@ class AdapterRegistry:
         if public is not None and "/" not in name:
             return public
         raise not_found(name)
+
+    def owned(self, owner: str, name: str) -> AdapterRecord:
+        """Tenant ``owner``'s private adapter ``name`` (for admins acting on any tenant's)."""
+        record = self.records.get(f"{owner}/{name}")
+        if record is None:
+            raise not_found(f"{owner}/{name}")
+        return record
+
+    def usage(self, owner: str) -> tuple[int, int]:
+        """``(adapters, bytes)`` that tenant ``owner`` holds privately."""
+        mine = [r for r in self.records.values() if r.owner == owner]
+        return len(mine), sum(r.size_bytes for r in mine)
 
     def visible(self, tenant: Tenant, all_tenants: bool = False) -> list[AdapterRecord]:
         records = self.records.values()
@@ -123,30 +148,57 @@ class AdapterRegistry:
     def stage_files(self, config_json: bytes, weights: bytes) -> Path:
         """Write an uploaded adapter into a staging folder (validated by the engine next)."""
         staged = self._new_staging()
-        (staged / CONFIG_FILE).write_bytes(config_json)
-        (staged / WEIGHTS_FILE).write_bytes(weights)
+        try:
+            (staged / CONFIG_FILE).write_bytes(config_json)
+            (staged / WEIGHTS_FILE).write_bytes(weights)
+        except BaseException:
+            self.discard(staged)
+            raise
         return staged
 
+    @staticmethod
+    def staged_bytes(staged: Path) -> int:
+        return sum(f.stat().st_size for f in staged.iterdir() if f.is_file())
+
     def stage_directory(self, source: str | Path) -> Path:
-        """Copy a PEFT adapter directory's JSON config and safetensors weights into staging."""
-        source = Path(source)
-        if not source.is_dir():
-            raise ValueError(f"{source} is not a directory on the server")
-        missing = [f for f in (CONFIG_FILE, WEIGHTS_FILE) if not (source / f).is_file()]
+        """Copy a PEFT adapter directory's JSON config and safetensors weights into staging.
+
+        Raises ``ValueError`` (the path shortened) for a path the server cannot use: missing,
+        not a directory, too long, unreadable.
+        """
+        path, where = Path(source), shorten(str(source))
+        try:
+            self._check_adapter_directory(path, where)
+        except OSError as e:
+            raise ValueError(f"cannot read the server path {where}: {e.strerror or e}") from None
+        staged = self._new_staging()
+        try:
+            for name in (CONFIG_FILE, WEIGHTS_FILE):
+                shutil.copyfile(path / name, staged / name)
+        except OSError as e:
+            self.discard(staged)
+            raise ValueError(f"cannot copy the adapter at {where}: {e.strerror or e}") from None
+        return staged
+
+    @staticmethod
+    def _check_adapter_directory(path: Path, where: str) -> None:
+        if not path.is_dir():
+            raise ValueError(f"{where} is not a directory on the server")
+        missing = [f for f in (CONFIG_FILE, WEIGHTS_FILE) if not (path / f).is_file()]
         if missing:
             raise ValueError(
-                f"{source} lacks {' and '.join(missing)}: adapters are read only as "
+                f"{where} lacks {' and '.join(missing)}: adapters are read only as "
                 "adapter_config.json + adapter_model.safetensors (re-save pickled weights with "
                 "save_pretrained(..., safe_serialization=True))"
             )
-        staged = self._new_staging()
-        for name in (CONFIG_FILE, WEIGHTS_FILE):
-            shutil.copyfile(source / name, staged / name)
-        return staged
 
     def stage_text(self, text: str) -> Path:
         staged = self._new_staging()
-        (staged / TEXT_FILE).write_text(text, encoding="utf-8")
+        try:
+            (staged / TEXT_FILE).write_text(text, encoding="utf-8")
+        except BaseException:
+            self.discard(staged)
+            raise
         return staged
 
     def discard(self, staged: Path) -> None:

@@ -9,9 +9,11 @@ stream and so aborts the request and frees its blocks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 
 from grpc import aio
 from transformers import PreTrainedTokenizerBase
@@ -21,6 +23,7 @@ from .._proto import prefixserve_pb2 as pb
 from .._proto import prefixserve_pb2_grpc as pb_grpc
 from ..async_engine import AsyncEngine
 from ..engine import Prompt
+from ..quota import TenantQuota
 from ..request import RequestOutput
 from ..sampling_params import MAX_LOGPROBS
 from . import protocol
@@ -41,6 +44,7 @@ class ServingState:
     engine: AsyncEngine | None = None
     tokenizer: PreTrainedTokenizerBase | None = None
     """The server's own tokenizer (the engine's belongs to the engine thread)."""
+    quota: TenantQuota = field(default_factory=TenantQuota)
     model_info: pb.ModelInfo = field(default_factory=pb.ModelInfo)
     adapter_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     """Serializes adapter loads and unloads."""
@@ -56,10 +60,16 @@ class ServingState:
         return self.keys.authenticate(context.invocation_metadata())
 
 
+def model_name(model_path: str) -> str:
+    """The served model's name for clients: the last part of its directory (or hub id), so
+    that the server's filesystem layout is not shown to them."""
+    return PurePosixPath(str(model_path).replace("\\", "/").rstrip("/")).name or "model"
+
+
 def model_info(engine: AsyncEngine) -> pb.ModelInfo:
     e = engine.engine
     return pb.ModelInfo(
-        model=str(e.model_path),
+        model=model_name(e.model_path),
         dtype=str(e.runner.dtype).removeprefix("torch."),
         device=str(e.runner.device),
         max_model_len=e.max_model_len,
@@ -91,8 +101,9 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
     async def GenerateStream(
         self, request: pb.GenerateRequest, context: aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
-        async for out, adapter_tokens in self._outputs(request, context):
-            yield protocol.stream_chunk(out, request.request_id, adapter_tokens)
+        async with contextlib.aclosing(self._outputs(request, context)) as outputs:
+            async for out, adapter_tokens in outputs:
+                yield protocol.stream_chunk(out, request.request_id, adapter_tokens)
 
     async def Tokenize(
         self, request: pb.TokenizeRequest, context: aio.ServicerContext
@@ -121,8 +132,13 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
 
     async def _outputs(
         self, request: pb.GenerateRequest, context: aio.ServicerContext
-    ) -> AsyncIterator[tuple[RequestOutput, int]]:
-        """The engine's outputs for ``request`` (with the adapter's prefix length), timed."""
+    ) -> AsyncGenerator[tuple[RequestOutput, int], None]:
+        """The engine's outputs for ``request`` (with the adapter's prefix length), timed.
+
+        Counted as 'cancelled' when the client goes away or its deadline passes: grpc then
+        cancels the handler (CancelledError) or, while a stream waits to send, closes this
+        generator (GeneratorExit at its ``yield``).
+        """
         tenant = self.state.authenticate(context)
         engine = self.state.ready()
         adapter = self.state.registry.resolve(tenant, request.adapter) if request.adapter else None
@@ -139,8 +155,9 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
                 if out.finished:
                     outcome = out.finish_reason or "abort"
                 yield out, adapter_tokens
-        except asyncio.CancelledError:
-            outcome = "cancelled"
+        except (asyncio.CancelledError, GeneratorExit):
+            if outcome == "error":  # gone before the end (not after its last output)
+                outcome = "cancelled"
             raise
         finally:
             tracker.finish(outcome)

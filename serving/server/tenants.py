@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..text import shorten
 from .errors import UnauthenticatedError
 
 ENV_VAR = "PREFIXSERVE_API_KEYS"
@@ -35,7 +36,7 @@ ANONYMOUS = Tenant("anonymous", admin=True)
 def check_name(what: str, name: str) -> str:
     if not NAME_PATTERN.fullmatch(name):
         raise ValueError(
-            f"{what} {name!r} is not valid: use 1-64 letters, digits, '.', '_' or '-', "
+            f"{what} {shorten(name)} is not valid: use 1-64 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
         )
     return name
