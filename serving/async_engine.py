@@ -36,9 +36,15 @@ class QueueFullError(RuntimeError):
 class AsyncEngine:
     """Runs ``engine.step()`` in a background thread and streams outputs to coroutines."""
 
-    def __init__(self, engine: LLMEngine, max_waiting: int | None = None) -> None:
+    def __init__(
+        self,
+        engine: LLMEngine,
+        max_waiting: int | None = None,
+        max_waiting_per_tenant: int | None = None,
+    ) -> None:
         self.engine = engine
         self.max_waiting = max_waiting
+        self.max_waiting_per_tenant = max_waiting_per_tenant
         self._commands: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = (
             queue.SimpleQueue()
         )
@@ -57,24 +63,32 @@ class AsyncEngine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         adapter: str | None = None,
+        tenant: str = "",
     ) -> AsyncIterator[RequestOutput]:
         """Queue a request and yield its outputs as tokens arrive (the last has ``finished``).
 
-        Raises ``ValueError`` for invalid input, :class:`QueueFullError` when the queue is full,
-        and :class:`EngineDeadError` if the engine stopped. Leaving the loop early aborts it.
+        Raises ``ValueError`` for invalid input, :class:`QueueFullError` when the queue (or
+        ``tenant``'s share of it) is full, and :class:`EngineDeadError` if the engine stopped.
+        Leaving the loop early aborts it.
         """
         request_id = request_id or f"async-{next(self._ids)}"
         loop = asyncio.get_running_loop()
         stream: asyncio.Queue[Any] = asyncio.Queue()
 
         def add() -> None:
-            waiting = len(self.engine.scheduler.waiting)
+            waiting = self.engine.num_waiting()
             if self.max_waiting is not None and waiting >= self.max_waiting:
                 raise QueueFullError(
                     f"{waiting} requests are already waiting (limit {self.max_waiting}); "
                     "retry later"
                 )
-            self.engine.add_request(prompt, params, request_id, adapter=adapter)
+            limit = self.max_waiting_per_tenant
+            if limit is not None and (mine := self.engine.num_waiting(tenant)) >= limit:
+                raise QueueFullError(
+                    f"{mine} of your requests are already waiting, the most one tenant may "
+                    f"queue (limit {limit}, server option --max-waiting-per-tenant); retry later"
+                )
+            self.engine.add_request(prompt, params, request_id, adapter=adapter, tenant=tenant)
             self._streams[request_id] = (loop, stream)
 
         finished = False

@@ -97,8 +97,9 @@ class SchedulerConfig:
     """Token budget of one step (decode tokens + prefill chunks)."""
     max_num_seqs: int = 64
     """Most requests running at once."""
-    long_prefill_token_threshold: int | None = None
-    """Largest prefill chunk of one request per step; None = as much as the budget allows."""
+    long_prefill_token_threshold: int | None = 512
+    """Largest prefill chunk of one request (or adapter prefix) per step, so that a long prompt
+    does not hold up the requests around it; None = as much as the budget allows."""
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1:

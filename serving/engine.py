@@ -13,7 +13,7 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .adapters import blocks_for, load_peft_adapter, text_adapter
+from .adapters import Adapter, blocks_for, load_peft_adapter, text_adapter
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .kv_cache import BlockAllocator
@@ -24,6 +24,7 @@ from .request import FinishReason, Request, RequestOutput
 from .sampler import Sampler, TokenLogprobs, request_generator
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
+from .text import shorten
 
 logger = logging.getLogger(__name__)
 
@@ -106,9 +107,11 @@ class LLMEngine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         adapter: str | None = None,
+        tenant: str = "",
     ) -> str:
         """Validate and queue a request, optionally behind a loaded adapter's prefix; returns its
-        id. Raises ``ValueError`` on bad input (:class:`AdapterError` for adapter problems)."""
+        id. ``tenant``: who sent it (the scheduler shares the engine fairly between tenants).
+        Raises ``ValueError`` on bad input (:class:`AdapterError` for adapter problems)."""
         params = params or SamplingParams()
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.requests:
@@ -127,6 +130,7 @@ class LLMEngine:
             generator=request_generator(params, self.runner.device),
             eos_token_ids=frozenset() if params.ignore_eos else self.eos_token_ids,
             prefix=self.prefixes.attach(adapter) if adapter is not None else None,
+            tenant=tenant,
         )
         self.requests[request_id] = request
         self.scheduler.add(request)
@@ -156,20 +160,30 @@ class LLMEngine:
     ) -> AdapterInfo:
         """Register a PEFT adapter directory (``path``) or a system prompt (``text``) as a prefix.
         It is validated now and materialized in the pool on first use."""
+        return self.add_adapter(self.read_adapter(name, path, text))
+
+    def read_adapter(
+        self, name: str, path: str | Path | None = None, text: str | None = None
+    ) -> Adapter:
+        """Read, tokenize and validate an adapter without changing the engine: a server does this
+        in a worker thread, then :meth:`add_adapter` on the engine's thread, so that reading
+        megabytes never holds up a step."""
         if not isinstance(name, str) or not name.strip():
-            raise ValueError(f"adapter name must be a non-empty string, got {name!r}")
+            raise ValueError(f"adapter name must be a non-empty string, got {shorten(name)}")
         if (path is None) == (text is None):
-            raise ValueError(f"adapter {name!r}: give exactly one of path= or text=")
-        self.prefixes.check_name_free(name)  # before reading any file
+            raise ValueError(f"adapter {shorten(name)}: give exactly one of path= or text=")
+        self.prefixes.check_name_free(name)  # fail early, before reading any file
         max_tokens = self.max_model_len - 2  # room for one prompt token and one new token
         if path is not None:
-            adapter = load_peft_adapter(
+            return load_peft_adapter(
                 name, path, self.runner.shape, max_tokens, self.runner.kv_cache.spec.dtype
             )
-        else:
-            adapter = text_adapter(name, self.tokenize(str(text)), max_tokens)
+        return text_adapter(name, self.tokenize(str(text)), max_tokens)
+
+    def add_adapter(self, adapter: Adapter) -> AdapterInfo:
+        """Register an adapter read by :meth:`read_adapter` (engine thread)."""
         self.prefixes.add(adapter)
-        return self.prefixes.info(name)
+        return self.prefixes.info(adapter.name)
 
     def unload_adapter(self, name: str) -> bool:
         """Unload ``name``: now if no request holds it (True), else when the last one ends
@@ -190,6 +204,13 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished
 
+    def num_waiting(self, tenant: str | None = None) -> int:
+        """Requests waiting to run (of ``tenant`` only, when given)."""
+        waiting = self.scheduler.waiting
+        if tenant is None:
+            return len(waiting)
+        return sum(r.tenant == tenant for r in waiting)
+
     # -- the step -------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
@@ -204,6 +225,9 @@ class LLMEngine:
             return []
         try:
             logits, sampling = self.runner.execute(scheduled)
+            if logits is None:  # a step that only filled adapter prefixes
+                self.scheduler.update(scheduled)
+                return []
             sampled = self.sampler(
                 logits,
                 [r.params for r in sampling],
@@ -211,14 +235,16 @@ class LLMEngine:
                 [r.token_ids for r in sampling],
             )
         except Exception as e:
-            failed = [r.request_id for r in scheduled.requests]
-            for request in scheduled.requests:
+            # The step's requests fail, and so do those waiting for a prefix it was filling
+            # (they would retry the same fill forever).
+            filling = {fill.prefix for fill in scheduled.fills}
+            waiting = [r for r in self.scheduler.waiting if r.prefix in filling]
+            failed = [*scheduled.requests, *waiting]
+            for request in failed:
                 self.scheduler.finish(request, FinishReason.ERROR)
                 del self.requests[request.request_id]
-            raise StepError(failed, e) from e
-        self.prefixes.stats.materializations += len(scheduled.materialize)
-        for request, n in zip(scheduled.requests, scheduled.num_new_tokens):
-            request.num_computed_tokens += n
+            raise StepError([r.request_id for r in failed], e) from e
+        self.scheduler.update(scheduled)
         outputs = [
             self._append(request, token, logprobs)
             for request, token, logprobs in zip(sampling, sampled.token_ids, sampled.logprobs)

@@ -21,7 +21,7 @@ from .kernels.metadata import AttentionMetadata
 from .kv_cache import KVCachePool, KVCacheSpec, size_pool
 from .prefix_store import Prefix
 from .request import Request
-from .scheduler import SchedulerOutput
+from .scheduler import PrefixFill, SchedulerOutput
 
 
 @dataclass(slots=True)
@@ -114,11 +114,13 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def execute(self, scheduled: SchedulerOutput) -> tuple[torch.Tensor, list[Request]]:
-        """Fill new prefixes, then run one step; returns ``(logits [R, V], the R requests that
-        sample)``."""
-        for prefix in scheduled.materialize:
-            self.materialize(prefix)
+    def execute(self, scheduled: SchedulerOutput) -> tuple[torch.Tensor | None, list[Request]]:
+        """Fill the scheduled prefix chunks, then run one step; returns ``(logits [R, V], the R
+        requests that sample)``, logits None when no request ran."""
+        for fill in scheduled.fills:
+            self.fill_prefix(fill)
+        if not scheduled.requests:
+            return None, []
         inputs = self.prepare(scheduled)
         logits = self._forward(
             inputs.meta, inputs.positions, inputs.logits_indices, input_ids=inputs.input_ids
@@ -126,41 +128,43 @@ class ModelRunner:
         return logits, inputs.sampling_requests
 
     @torch.inference_mode()
-    def materialize(self, prefix: Prefix) -> None:
-        """Write an adapter's prefix K/V into its blocks: stored K/V are copied (no RoPE);
-        prompt embeddings and text are run through the model at positions 0..P-1."""
-        adapter, num = prefix.adapter, prefix.num_tokens
-        pos = np.arange(num)
-        slots = np.asarray(prefix.block_ids)[pos // self.block_size] * self.block_size
-        slot_mapping = torch.from_numpy(slots + pos % self.block_size)
+    def fill_prefix(self, fill: PrefixFill) -> None:
+        """Write tokens ``[start, start + n)`` of an adapter's prefix K/V into its blocks: stored
+        K/V are copied (no RoPE); prompt embeddings and text run through the model at their
+        positions, over the prefix's earlier chunks like a chunked prefill."""
+        prefix, start, num = fill.prefix, fill.start, fill.num_tokens
+        adapter, bs = prefix.adapter, self.block_size
+        pos = np.arange(start, start + num)
+        slot_mapping = torch.from_numpy(np.asarray(prefix.block_ids)[pos // bs] * bs + pos % bs)
         if adapter.kv is not None:
-            kv = adapter.kv.to(self.device, self.kv_cache.spec.dtype)  # [L, 2, P, Hkv, D]
+            kv = adapter.kv[:, :, start : start + num].to(self.device, self.kv_cache.spec.dtype)
             slot_mapping = slot_mapping.to(self.device)
-            for layer in range(kv.shape[0]):
+            for layer in range(kv.shape[0]):  # kv: [L, 2, n, Hkv, D]
                 k_cache, v_cache = self.kv_cache.layer(layer)
                 reference.write_kv(kv[layer, 0], kv[layer, 1], k_cache, v_cache, slot_mapping)
+            return
+        meta = AttentionMetadata(
+            cu_q_lens=torch.tensor([0, num], dtype=torch.int32),
+            own_lens=torch.tensor([start + num], dtype=torch.int32),
+            block_tables=_pad_tables([prefix.block_ids]),
+            slot_mapping=slot_mapping,
+            prefix_ids=torch.tensor([-1], dtype=torch.int32),
+            prefix_lens=torch.zeros((0,), dtype=torch.int32),
+            prefix_block_tables=_pad_tables([]),
+            block_size=bs,
+            max_q_len=num,
+            max_kv_len=start + num,
+        )
+        positions = torch.arange(start, start + num, device=self.device)
+        no_logits = torch.zeros((0,), dtype=torch.int64, device=self.device)
+        if adapter.embeddings is not None:
+            embeds = adapter.embeddings[start : start + num].to(self.device, self.dtype)
+            self._forward(meta, positions, no_logits, inputs_embeds=embeds)
         else:
-            meta = AttentionMetadata(
-                cu_q_lens=torch.tensor([0, num], dtype=torch.int32),
-                own_lens=torch.tensor([num], dtype=torch.int32),
-                block_tables=_pad_tables([prefix.block_ids]),
-                slot_mapping=slot_mapping,
-                prefix_ids=torch.tensor([-1], dtype=torch.int32),
-                prefix_lens=torch.zeros((0,), dtype=torch.int32),
-                prefix_block_tables=_pad_tables([]),
-                block_size=self.block_size,
-                max_q_len=num,
-                max_kv_len=num,
-            )
-            positions = torch.arange(num, device=self.device)
-            no_logits = torch.zeros((0,), dtype=torch.int64, device=self.device)
-            if adapter.embeddings is not None:
-                embeds = adapter.embeddings.to(self.device, self.dtype)
-                self._forward(meta, positions, no_logits, inputs_embeds=embeds)
-            else:
-                ids = torch.tensor(adapter.token_ids, dtype=torch.int64, device=self.device)
-                self._forward(meta, positions, no_logits, input_ids=ids)
-        prefix.materialized = True
+            assert adapter.token_ids is not None
+            ids = adapter.token_ids[start : start + num]
+            tokens = torch.tensor(ids, dtype=torch.int64, device=self.device)
+            self._forward(meta, positions, no_logits, input_ids=tokens)
 
     def _forward(
         self,

@@ -21,8 +21,8 @@ class Prefix:
     adapter: Adapter
     block_ids: list[int] = field(default_factory=list)
     """Shared blocks holding the prefix K/V; empty while not resident."""
-    materialized: bool = False
-    """Whether ``block_ids`` hold the K/V yet (set by the model runner)."""
+    filled: int = 0
+    """Tokens of ``block_ids`` that hold their K/V (filled in chunks, between steps)."""
     requests: int = 0
     """Accepted, unfinished requests naming this adapter (it cannot be unloaded while > 0)."""
     users: int = 0
@@ -41,6 +41,11 @@ class Prefix:
     @property
     def resident(self) -> bool:
         return bool(self.block_ids)
+
+    @property
+    def materialized(self) -> bool:
+        """Whether every token of the prefix has its K/V in the pool."""
+        return self.resident and self.filled == self.num_tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +165,7 @@ class PrefixStore:
             blocks = self.allocator.allocate(needed)
             assert blocks is not None, "make_room guaranteed the blocks"
             prefix.block_ids = blocks
-            prefix.materialized = False
+            prefix.filled = 0
         elif prefix.materialized:
             self.stats.hits += 1
         prefix.users += 1
@@ -196,7 +201,7 @@ class PrefixStore:
     def _evict(self, prefix: Prefix) -> None:
         self.allocator.free(prefix.block_ids)
         prefix.block_ids = []
-        prefix.materialized = False
+        prefix.filled = 0
         self.stats.evictions += 1
 
     def _drop(self, prefix: Prefix) -> None:

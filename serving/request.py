@@ -46,7 +46,10 @@ class Request:
     prefix: Prefix | None = None
     """The adapter's prefix this request reads (its tokens start at position P), or None."""
     prefix_pinned: bool = False
-    """Whether this request currently pins its prefix in the pool (while running)."""
+    """Whether this request currently pins its prefix in the pool (while running, or while
+    waiting for its prefix to be filled)."""
+    tenant: str = ""
+    """Who sent it: the scheduler admits requests of different tenants fairly."""
     eos_token_ids: frozenset[int] = frozenset()
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0

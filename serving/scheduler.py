@@ -2,16 +2,26 @@
 
 There is no prefill or decode phase: every step, each running request's computed-token count
 catches up with its token count as far as the budget allows (a decode is one token, a prefill
-chunk many), running requests first in arrival order, then waiting requests in arrival order.
+chunk at most ``long_prefill_token_threshold``), running requests first, then waiting ones.
 When blocks run out, unused adapter prefixes are evicted first; then the most recently admitted
 running request is preempted: its blocks are freed, its prefix unpinned, and it goes back to the
-front of the queue to recompute its tokens later. A request is admitted only when blocks exist
-for its prefix (shared, materialized once) and its first chunk.
+front of the queue to recompute its tokens later.
+
+Many tenants share the engine, so no request may hold the others up:
+* waiting requests are admitted tenant by tenant, the tenant with the fewest running requests
+  first (arrival order within a tenant);
+* while requests wait, running prefills leave ``long_prefill_token_threshold`` tokens of the
+  budget to them, so a short request starts at the next step even behind a long prompt;
+* an adapter's prefix is filled in chunks, like a prompt, as steps of their own (``fills``);
+  requests of that adapter wait for it without blocking the queue behind them.
+A request is admitted only when blocks exist for its prefix (shared, filled once) and its first
+chunk.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from .config import SchedulerConfig
@@ -20,23 +30,28 @@ from .prefix_store import Prefix, PrefixStore
 from .request import FinishReason, Request, RequestStatus
 
 
+@dataclass(frozen=True, slots=True)
+class PrefixFill:
+    """Tokens ``[start, start + num_tokens)`` of a prefix to compute into its blocks."""
+
+    prefix: Prefix
+    start: int
+    num_tokens: int
+
+
 @dataclass(slots=True)
 class SchedulerOutput:
-    """The work of one step: ``num_new_tokens[i]`` tokens of ``requests[i]``."""
+    """The work of one step: ``num_new_tokens[i]`` tokens of ``requests[i]``, after ``fills``."""
 
     requests: list[Request] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
-    materialize: list[Prefix] = field(default_factory=list)
-    """Prefixes that got blocks this step and must be filled before the forward pass."""
-
-    @property
-    def total_tokens(self) -> int:
-        return sum(self.num_new_tokens)
+    fills: list[PrefixFill] = field(default_factory=list)
+    """Chunks of adapter prefixes to fill before the forward pass (no request reads them yet)."""
 
     @property
     def is_empty(self) -> bool:
-        return not self.requests
+        return not self.requests and not self.fills
 
 
 class Scheduler:
@@ -70,7 +85,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            n = self._chunk(request, budget)
+            n = self._chunk(request, budget - self._reserve(request))
+            if n < 1:  # a prefill leaves the rest of the budget to waiting requests
+                i += 1
+                continue
             if self._allocate(request, n):
                 out.requests.append(request)
                 out.num_new_tokens.append(n)
@@ -80,29 +98,73 @@ class Scheduler:
             victim = self.running.pop()
             self._preempt(victim)
             out.preempted.append(victim)
-        while (
-            self.waiting
-            and budget > 0
-            and not out.preempted
-            and len(self.running) < self.config.max_num_seqs
-        ):
-            request = self.waiting[0]
-            n = self._chunk(request, budget)
+        if not out.preempted:
+            self._admit(out, budget)
+        return out
+
+    def _admit(self, out: SchedulerOutput, budget: int) -> None:
+        """Admit waiting requests fairly across tenants while budget, slots and blocks last;
+        schedule fills of the prefixes they wait for."""
+        filling: set[Prefix] = set()
+        for request in self._admission_order():
+            if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+                return
             if not self._pin_prefix(request):
-                break
+                return  # no room for its prefix now: later arrivals must not overtake it
+            prefix = request.prefix
+            if prefix is not None and not prefix.materialized:
+                if prefix not in filling:  # one fill chunk per prefix and step
+                    filling.add(prefix)
+                    budget -= self._fill(out, prefix, budget)
+                continue  # waits, pinning its prefix, until the prefix is filled
+            n = self._chunk(request, budget)
             if not self._allocate(request, n):
                 self._unpin_prefix(request)
-                break
-            self.waiting.popleft()
+                return
+            self.waiting.remove(request)
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             out.requests.append(request)
             out.num_new_tokens.append(n)
             budget -= n
-        out.materialize = list(
-            {r.prefix: None for r in out.requests if r.prefix and not r.prefix.materialized}
-        )
-        return out
+
+    def _admission_order(self) -> Iterator[Request]:
+        """Waiting requests, each time from the tenant with the fewest running requests (ties:
+        the tenant whose next request came first); arrival order within a tenant."""
+        queues: dict[str, deque[Request]] = {}
+        for request in self.waiting:
+            queues.setdefault(request.tenant, deque()).append(request)
+        running = Counter(r.tenant for r in self.running)
+        order = {request: i for i, request in enumerate(self.waiting)}
+        while queues:
+            tenant = min(queues, key=lambda t: (running[t], order[queues[t][0]]))
+            request = queues[tenant].popleft()
+            if not queues[tenant]:
+                del queues[tenant]
+            running[tenant] += 1
+            yield request
+
+    def _fill(self, out: SchedulerOutput, prefix: Prefix, budget: int) -> int:
+        """Schedule the next chunk of ``prefix``; returns the budget it uses (a copy of stored
+        K/V runs no forward pass and uses none)."""
+        remaining = prefix.num_tokens - prefix.filled
+        if prefix.adapter.kind.is_kv:
+            out.fills.append(PrefixFill(prefix, prefix.filled, remaining))
+            return 0
+        n = min(remaining, budget, self._max_chunk())
+        out.fills.append(PrefixFill(prefix, prefix.filled, n))
+        return n
+
+    def update(self, scheduled: SchedulerOutput) -> None:
+        """Apply a step that ran: requests computed their scheduled tokens, prefixes their
+        filled chunks."""
+        for request, n in zip(scheduled.requests, scheduled.num_new_tokens):
+            request.num_computed_tokens += n
+        for fill in scheduled.fills:
+            if fill.prefix.resident:  # not dropped meanwhile
+                fill.prefix.filled = fill.start + fill.num_tokens
+                if fill.prefix.materialized:
+                    self.prefix_store.stats.materializations += 1
 
     def finish(self, request: Request, reason: FinishReason) -> None:
         """Take ``request`` out of the queues, free its blocks and mark it finished."""
@@ -116,12 +178,25 @@ class Scheduler:
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
 
+    def _max_chunk(self) -> int:
+        threshold = self.config.long_prefill_token_threshold
+        return threshold if threshold is not None else self.config.max_num_batched_tokens
+
     def _chunk(self, request: Request, budget: int) -> int:
-        n = min(request.num_tokens - request.num_computed_tokens, budget)
-        if self.config.long_prefill_token_threshold is not None:
-            n = min(n, self.config.long_prefill_token_threshold)
-        assert n >= 1, f"request {request.request_id} has no token to compute"
-        return n
+        """Tokens of ``request`` to compute this step (< 1 when ``budget`` is used up)."""
+        remaining = request.num_tokens - request.num_computed_tokens
+        assert remaining >= 1, f"request {request.request_id} has no token to compute"
+        return min(remaining, budget, self._max_chunk())
+
+    def _reserve(self, request: Request) -> int:
+        """Budget a running prefill must leave to waiting requests (decodes need none)."""
+        if (
+            not self.waiting
+            or len(self.running) >= self.config.max_num_seqs
+            or request.num_tokens - request.num_computed_tokens <= 1
+        ):
+            return 0
+        return min(self._max_chunk(), self.config.max_num_batched_tokens // 2)
 
     def _allocate(self, request: Request, num_new_tokens: int) -> bool:
         """Give ``request`` the blocks its next ``num_new_tokens`` tokens need."""

@@ -22,10 +22,13 @@ def check_accounting(engine) -> None:
     own = sum(len(r.block_ids) for r in engine.requests.values())
     assert engine.allocator.num_used == own + engine.prefixes.resident_blocks
     for prefix in engine.prefixes.prefixes.values():
-        assert prefix.users == sum(r.prefix is prefix for r in engine.scheduler.running)
+        pinning = [r for r in engine.requests.values() if r.prefix is prefix and r.prefix_pinned]
+        assert prefix.users == len(pinning)
         assert prefix.requests == sum(r.prefix is prefix for r in engine.requests.values())
     for r in engine.scheduler.waiting:
-        assert r.status is RequestStatus.WAITING and not r.block_ids and not r.prefix_pinned
+        # A waiting request pins its prefix only while it waits for the prefix to be filled.
+        assert r.status is RequestStatus.WAITING and not r.block_ids
+        assert not r.prefix_pinned or (r.prefix is not None and r.prefix.resident)
     for r in engine.scheduler.running:
         assert r.status is RequestStatus.RUNNING and (r.prefix is None or r.prefix_pinned)
 

@@ -54,16 +54,22 @@ class AdapterSpec:
 
 
 async def _engine_load(engine: AsyncEngine, name: str, source: dict[str, str]) -> AdapterInfo:
-    def load(e: LLMEngine) -> AdapterInfo:
+    """Read and validate the adapter in a worker thread, then register it on the engine's
+    thread (between steps)."""
+    adapter = await asyncio.to_thread(
+        engine.engine.read_adapter, name, path=source.get("path"), text=source.get("text")
+    )
+
+    def add(e: LLMEngine) -> AdapterInfo:
         prefix = e.prefixes.prefixes.get(name)
         if prefix is not None and prefix.unloading:
             raise AlreadyExistsError(
-                f"adapter {name.rpartition('/')[2]!r} is still being unloaded: "
+                f"adapter {shorten(name.rpartition('/')[2])} is still being unloaded: "
                 f"{prefix.requests} requests use it; retry when they finish"
             )
-        return e.load_adapter(name, path=source.get("path"), text=source.get("text"))
+        return e.add_adapter(adapter)
 
-    return await engine.run(load)
+    return await engine.run(add)
 
 
 async def _engine_info(engine: AsyncEngine, names: list[str]) -> list[AdapterInfo | None]:

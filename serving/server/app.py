@@ -145,7 +145,14 @@ class PrefixServer:
         self.state.tokenizer = await asyncio.to_thread(
             AutoTokenizer.from_pretrained, engine.model_path
         )
-        self.state.engine = AsyncEngine(engine, max_waiting=self.config.max_waiting)
+        self.state.engine = AsyncEngine(
+            engine,
+            max_waiting=self.config.max_waiting,
+            # an open server has one tenant: its share is the whole queue
+            max_waiting_per_tenant=None
+            if self.config.api_keys.open
+            else self.config.quota.max_waiting,
+        )
         self.state.model_info = model_info(self.state.engine)
         await restore_adapters(self.state, self.config.adapters)
         for name in ("", *SERVICE_NAMES):

@@ -114,12 +114,14 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         assert tokenizer is not None
         which = request.WhichOneof("prompt")
         if which == "text":
-            ids = list(tokenizer.encode(request.text, add_special_tokens=False))
+            text = request.text
+            ids = await asyncio.to_thread(tokenizer.encode, text, add_special_tokens=False)
         elif which == "chat":
-            ids = protocol.chat_token_ids(tokenizer, request.chat.messages)
+            messages = request.chat.messages
+            ids = await asyncio.to_thread(protocol.chat_token_ids, tokenizer, messages)
         else:
             raise ValueError("the request has no prompt: set text or chat")
-        return pb.TokenizeResponse(token_ids=ids)
+        return pb.TokenizeResponse(token_ids=list(ids))
 
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: aio.ServicerContext
@@ -143,14 +145,15 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         engine = self.state.ready()
         adapter = self.state.registry.resolve(tenant, request.adapter) if request.adapter else None
         params = protocol.sampling_params(request)
-        prompt = self._prompt(request)
+        prompt = await asyncio.to_thread(self._prompt, request)  # tokenizing can take a while
         name = adapter.engine_name if adapter is not None else None
         adapter_tokens = self._prefix_length(engine, adapter)
         request_id = f"{tenant.name}:{request.request_id or 'req'}:{next(self._ids)}"
         tracker = self.state.metrics.track(name, tenant.name)
         outcome = "error"
         try:
-            async for out in engine.generate(prompt, params, request_id, adapter=name):
+            outputs = engine.generate(prompt, params, request_id, adapter=name, tenant=tenant.name)
+            async for out in outputs:
                 tracker.on_output(out)
                 if out.finished:
                     outcome = out.finish_reason or "abort"
@@ -163,9 +166,12 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             tracker.finish(outcome)
 
     def _prompt(self, request: pb.GenerateRequest) -> Prompt:
+        """The prompt's token ids, tokenized here (in a worker thread) rather than on the event
+        loop or the engine's thread, which serve everyone."""
         which = request.WhichOneof("prompt")
         if which == "text":
-            return request.text
+            assert self.state.tokenizer is not None
+            return list(self.state.tokenizer.encode(request.text, add_special_tokens=False))
         if which == "token_ids":
             return list(request.token_ids.ids)
         if which == "chat":
