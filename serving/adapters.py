@@ -18,15 +18,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import PreTrainedModel
+
+from .text import shorten
 
 WEIGHT_KEY = "prompt_embeddings"
 
 
 class AdapterError(ValueError):
     """An adapter cannot be loaded or used; the message names the adapter and the problem."""
+
+
+class AdapterNotFoundError(AdapterError):
+    """A request names an adapter that is not loaded, or is being unloaded."""
 
 
 class AdapterKind(str, enum.Enum):
@@ -93,22 +98,34 @@ def _fail(name: str, message: str) -> AdapterError:
     return AdapterError(f"adapter {name!r}: {message}")
 
 
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+"""dtypes ``prompt_embeddings`` may be stored in (PEFT saves the model's float dtype)."""
+
+
 def _read_config(name: str, directory: Path) -> dict:
+    """``adapter_config.json`` of ``directory`` as a dict; any file that is not a readable JSON
+    object raises :class:`AdapterError` saying so."""
     path = directory / "adapter_config.json"
-    if not directory.is_dir():
-        raise _fail(name, f"{directory} is not a directory")
-    if not path.is_file():
-        raise _fail(name, f"{path} is missing (expected a PEFT adapter directory)")
     try:
+        if not directory.is_dir():
+            raise _fail(name, f"{shorten(str(directory))} is not a directory")
+        if not path.is_file():
+            raise _fail(name, f"{path} is missing (expected a PEFT adapter directory)")
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise _fail(name, f"{path} is not valid JSON: {e}") from e
+    except RecursionError:  # json gives up on arrays or objects nested ~1,000 deep
+        raise _fail(name, f"{path} nests too deeply to be an adapter config") from None
+    except OSError as e:
+        raise _fail(name, f"cannot read {shorten(str(path))}: {e.strerror or e}") from None
     if not isinstance(config, dict):
         raise _fail(name, f"{path} must hold a JSON object")
     return config
 
 
 def _read_weights(name: str, directory: Path) -> torch.Tensor:
+    """The ``prompt_embeddings`` tensor of ``directory`` in float32; a file that cannot be read,
+    lacks it, or stores it in a non-float dtype raises :class:`AdapterError`."""
     st, legacy = directory / "adapter_model.safetensors", directory / "adapter_model.bin"
     try:
         if st.is_file():
@@ -117,14 +134,22 @@ def _read_weights(name: str, directory: Path) -> torch.Tensor:
             tensors = torch.load(legacy, map_location="cpu", weights_only=True)
         else:
             raise _fail(name, f"no adapter_model.safetensors (or adapter_model.bin) in {directory}")
-    except (SafetensorError, OSError, RuntimeError, ValueError, EOFError) as e:
-        if isinstance(e, AdapterError):
-            raise
-        raise _fail(name, f"cannot read the weights in {directory}: {e}") from e
+    except AdapterError:
+        raise
+    except Exception as e:  # any failure to parse untrusted bytes is the file's fault
+        raise _fail(name, f"cannot read the weights in {directory}: {str(e)[:300]}") from e
     if not isinstance(tensors, dict) or not isinstance(tensors.get(WEIGHT_KEY), torch.Tensor):
-        keys = sorted(tensors) if isinstance(tensors, dict) else type(tensors).__name__
-        raise _fail(name, f"the weights hold no {WEIGHT_KEY!r} tensor (found {keys})")
-    return tensors[WEIGHT_KEY].float()
+        keys = sorted(map(str, tensors)) if isinstance(tensors, dict) else type(tensors).__name__
+        raise _fail(name, f"the weights hold no {WEIGHT_KEY!r} tensor (found {shorten(keys)})")
+    weights = tensors[WEIGHT_KEY]
+    if weights.dtype not in WEIGHT_DTYPES:
+        allowed = ", ".join(str(d).removeprefix("torch.") for d in WEIGHT_DTYPES)
+        raise _fail(
+            name,
+            f"{WEIGHT_KEY} is stored as {str(weights.dtype).removeprefix('torch.')}; "
+            f"adapters must store it as {allowed}",
+        )
+    return weights.float()
 
 
 def _check_config(name: str, config: dict, kind: AdapterKind, shape: ModelShape) -> None:

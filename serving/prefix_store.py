@@ -12,8 +12,9 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
-from .adapters import Adapter, AdapterError, blocks_for
+from .adapters import Adapter, AdapterError, AdapterNotFoundError, blocks_for
 from .kv_cache import BlockAllocator
+from .text import shorten
 
 
 @dataclass(slots=True, eq=False)
@@ -113,9 +114,11 @@ class PrefixStore:
         """The usable prefix named ``name``; ``AdapterError`` if unknown or being unloaded."""
         prefix = self.prefixes.get(name)
         if prefix is None:
-            raise AdapterError(f"adapter {name!r} is not loaded")
+            raise AdapterNotFoundError(f"adapter {shorten(name)} is not loaded")
         if prefix.unloading:
-            raise AdapterError(f"adapter {name!r} is being unloaded and takes no new requests")
+            raise AdapterNotFoundError(
+                f"adapter {shorten(name)} is being unloaded and takes no new requests"
+            )
         return prefix
 
     def info(self, name: str) -> AdapterInfo:

@@ -10,9 +10,11 @@ import grpc
 import pytest
 from test_server import KEYS, server_config
 
+from prefixserve.adapters import AdapterNotFoundError
 from prefixserve.client import Client
 from prefixserve.quota import TenantQuota
 from prefixserve.server import BackgroundServer
+from prefixserve.server.errors import status_of
 
 DEADLINES = [0.0005 * 1.35**i for i in range(24)]  # 0.5 ms .. 500 ms
 
@@ -148,3 +150,18 @@ def test_tenant_adapter_quotas(tiny_model_dir, tmp_path, upload):
         globex.load_adapter("big", upload=upload)  # quotas are per tenant
         engine, records, staged = _state(running)
         assert engine == records == {"acme/big", "acme/small", "globex/big"} and staged == []
+
+
+def test_requests_racing_an_unload_answer_not_found(server):
+    """A request resolved just before its adapter's unload reaches the engine after it: the
+    engine refuses it as not found, and the client reads NOT_FOUND, not INVALID_ARGUMENT."""
+    engine = server.engine
+    engine.load_adapter("racing", text="Be brief.")
+    engine.prefixes.attach("racing")  # a request still holds it: the unload waits for it
+    assert not engine.unload_adapter("racing")
+    with pytest.raises(AdapterNotFoundError) as refused:
+        engine.add_request([5, 6], adapter="racing")
+    code, message = status_of(refused.value)
+    assert code is grpc.StatusCode.NOT_FOUND and "being unloaded" in message
+    engine.prefixes.detach(engine.prefixes.prefixes["racing"])
+    assert "racing" not in engine.prefixes.prefixes
