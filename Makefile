@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo serve protos test lint format bench bench-grpc clean
+.PHONY: setup demo serve protos test lint format bench bench-grpc bench-soak clean
 
 # Installing (editable) also generates the gRPC stubs from protos/ into serving/_proto/ (setup.py).
 $(STAMP): pyproject.toml constraints.txt setup.py $(wildcard protos/prefixserve/v1/*.proto)
@@ -50,6 +50,9 @@ bench: setup
 
 bench-grpc: setup
 	$(PY) benchmarks/bench_grpc.py
+
+bench-soak: setup
+	$(PY) benchmarks/bench_soak.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache serving/_proto
