@@ -54,7 +54,11 @@ def _serve(args: argparse.Namespace) -> int:
                 kv_memory_fraction=args.kv_memory_fraction,
                 cpu_kv_memory_gib=args.kv_memory_gib,
             ),
-            scheduler=SchedulerConfig(args.max_num_batched_tokens, args.max_num_seqs),
+            scheduler=SchedulerConfig(
+                max_num_batched_tokens=args.max_num_batched_tokens,
+                max_num_seqs=args.max_num_seqs,
+                long_prefill_token_threshold=args.long_prefill_token_threshold or None,
+            ),
         ),
         host=args.host,
         port=args.port,
@@ -140,6 +144,13 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-model-len", type=int, help="longest adapter + prompt + output")
     p.add_argument("--max-num-seqs", type=int, default=64, help="requests running at once")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per step")
+    p.add_argument(
+        "--long-prefill-token-threshold",
+        type=int,
+        default=512,
+        help="largest prompt or adapter-prefix chunk of one request per step, so that long "
+        "prompts do not hold up other requests (0 = the whole budget; default %(default)s)",
+    )
     p.add_argument(
         "--max-waiting",
         type=int,
