@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .text import shorten
+
 MAX_LOGPROBS = 20
 """Largest number of top alternatives a request may ask for per generated token."""
 
@@ -62,34 +64,37 @@ class SamplingParams:
 
     def _check_ints(self) -> None:
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+            raise ValueError(
+                f"max_new_tokens must be an int >= 1, got {shorten(self.max_new_tokens)}"
+            )
         if not _is_int(self.top_k) or self.top_k < 0:
-            raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
+            raise ValueError(f"top_k must be an int >= 0 (0 = off), got {shorten(self.top_k)}")
         if self.seed is not None and not (
             _is_int(self.seed) and _SEED_RANGE[0] <= self.seed <= _SEED_RANGE[1]
         ):
             raise ValueError(
                 f"seed must be None or an int in [{_SEED_RANGE[0]}, {_SEED_RANGE[1]}], "
-                f"got {self.seed!r}"
+                f"got {shorten(self.seed)}"
             )
         if self.logprobs is not None and not (
             _is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS
         ):
             raise ValueError(
-                f"logprobs must be None or an int in [0, {MAX_LOGPROBS}], got {self.logprobs!r}"
+                f"logprobs must be None or an int in [0, {MAX_LOGPROBS}], "
+                f"got {shorten(self.logprobs)}"
             )
 
     def _check_floats(self) -> None:
         t = self.temperature
         if not _is_real(t) or not math.isfinite(t) or t < 0:
-            raise ValueError(f"temperature must be a finite number >= 0, got {t!r}")
+            raise ValueError(f"temperature must be a finite number >= 0, got {shorten(t)}")
         if not _is_real(self.top_p) or not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+            raise ValueError(f"top_p must be in (0, 1], got {shorten(self.top_p)}")
         if not _is_real(self.min_p) or not 0.0 <= self.min_p <= 1.0:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
+            raise ValueError(f"min_p must be in [0, 1], got {shorten(self.min_p)}")
         r = self.repetition_penalty
         if not _is_real(r) or not math.isfinite(r) or r <= 0:
-            raise ValueError(f"repetition_penalty must be a finite number > 0, got {r!r}")
+            raise ValueError(f"repetition_penalty must be a finite number > 0, got {shorten(r)}")
 
 
 def _is_int(value: object) -> bool:
@@ -105,10 +110,13 @@ def _normalize_stop(stop: object) -> list[str]:
         return []
     items = [stop] if isinstance(stop, str) else stop
     if not isinstance(items, list | tuple):
-        raise ValueError(f"stop must be a string or a list of strings, got {stop!r}")
-    for s in items:
+        raise ValueError(f"stop must be a string or a list of strings, got {shorten(stop)}")
+    for i, s in enumerate(items):
         if not isinstance(s, str) or not s:
-            raise ValueError(f"stop strings must be non-empty strings, got {s!r} in stop={stop!r}")
+            raise ValueError(
+                f"stop strings must be non-empty strings, got stop[{i}] = {shorten(s)} in "
+                f"stop={shorten(stop)}"
+            )
     return list(items)
 
 
@@ -116,10 +124,11 @@ def _normalize_stop_token_ids(ids: object) -> list[int]:
     if ids is None:
         return []
     if not isinstance(ids, list | tuple):
-        raise ValueError(f"stop_token_ids must be a list of ints, got {ids!r}")
-    for i in ids:
-        if not _is_int(i) or i < 0:
+        raise ValueError(f"stop_token_ids must be a list of ints, got {shorten(ids)}")
+    for i, token in enumerate(ids):
+        if not _is_int(token) or token < 0:
             raise ValueError(
-                f"stop_token_ids must be ints >= 0, got {i!r} in stop_token_ids={ids!r}"
+                f"stop_token_ids must be ints >= 0, got stop_token_ids[{i}] = {shorten(token)} "
+                f"in stop_token_ids={shorten(ids)}"
             )
     return list(ids)

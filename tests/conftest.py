@@ -11,6 +11,7 @@ from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
     MistralConfig,
+    PretrainedConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen3Config,
@@ -33,7 +34,39 @@ ARCHITECTURES = {
     ),
     "qwen2": (Qwen2Config, {"num_attention_heads": 6, "num_key_value_heads": 2}),
     "qwen3": (Qwen3Config, {"num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 24}),
+    # For bitsandbytes: on CPUs with AVX512-BF16 its 4-bit kernel repacks every linear weight in
+    # blocks of 32 output rows x 64 input columns, so all sides here are multiples of 64.
+    "llama-quantizable": (
+        LlamaConfig,
+        {
+            "hidden_size": 128,
+            "intermediate_size": 256,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "vocab_multiple": 64,
+        },
+    ),
 }
+SIZES = {"hidden_size": 96, "intermediate_size": 192}
+"""Sizes of the tiny models unless their architecture entry says otherwise."""
+
+
+def tiny_config(arch: str, tokenizer: PreTrainedTokenizerFast) -> PretrainedConfig:
+    """The config of the tiny ``arch`` model for ``tokenizer`` (vocabulary rounded up to the
+    entry's ``vocab_multiple`` when it has one)."""
+    config_cls, extra = ARCHITECTURES[arch]
+    kwargs = {**SIZES, **extra}
+    multiple = kwargs.pop("vocab_multiple", 1)
+    return config_cls(
+        vocab_size=-(-len(tokenizer) // multiple) * multiple,
+        num_hidden_layers=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=not arch.startswith("llama"),
+        **kwargs,
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -74,19 +107,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir:
         if arch in cache:
             return cache[arch]
         tokenizer = PreTrainedTokenizerFast.from_pretrained(tiny_tokenizer_dir)
-        config_cls, extra = ARCHITECTURES[arch]
-        config = config_cls(
-            vocab_size=len(tokenizer),
-            hidden_size=96,
-            intermediate_size=192,
-            num_hidden_layers=2,
-            max_position_embeddings=512,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            tie_word_embeddings=arch != "llama",
-            **extra,
-        )
+        config = tiny_config(arch, tokenizer)
         torch.manual_seed(1234)
         model = AutoModelForCausalLM.from_config(config)
         with torch.no_grad():  # larger weights give peaked, varied next-token distributions

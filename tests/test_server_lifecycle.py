@@ -32,7 +32,7 @@ METRICS = [
     "prefixserve_generation_tokens_per_second",
     "prefixserve_time_to_first_token_seconds_bucket",
     "prefixserve_time_per_output_token_seconds_bucket",
-    'prefixserve_requests_total{adapter="acme/pirate",outcome="length",tenant="acme"}',
+    'prefixserve_requests_total{adapter="(private)",outcome="length",tenant="acme"}',
 ]
 
 

@@ -21,6 +21,16 @@ from ..engine import LLMEngine
 from ..request import RequestOutput
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+PRIVATE_ADAPTER = "(private)"
+"""The ``adapter`` label of every tenant's own adapter: their names are the tenants' business."""
+
+
+def adapter_label(engine_name: str | None) -> str:
+    """The ``adapter`` label for an engine adapter name: '' for none, a public adapter's name,
+    or :data:`PRIVATE_ADAPTER` for a tenant's (engine names ``TENANT/NAME``)."""
+    if engine_name is None:
+        return ""
+    return PRIVATE_ADAPTER if "/" in engine_name else engine_name
 
 
 class EngineCollector(Collector):
@@ -128,7 +138,8 @@ class ServerMetrics:
         self.latency = self._histogram("request_latency_seconds", "From arrival to the last token")
         self.requests = Counter(
             "prefixserve_requests",
-            "Finished generation requests by adapter ('' = none), tenant and outcome",
+            "Finished generation requests by adapter ('' = none, tenants' own adapters "
+            f"{PRIVATE_ADAPTER!r}), tenant and outcome",
             ["adapter", "tenant", "outcome"],
             registry=self.registry,
         )
@@ -140,12 +151,22 @@ class ServerMetrics:
         )
 
     def track(self, adapter: str | None, tenant: str) -> RequestTracker:
-        return RequestTracker(self, adapter or "", tenant)
+        """Time one request on the engine adapter ``adapter`` (None = the base model)."""
+        return RequestTracker(self, adapter_label(adapter), tenant)
 
-    def serve(self, port: int, host: str = "0.0.0.0") -> int:
-        """Expose ``/metrics`` over HTTP on ``port`` (0 = a free one); returns the port."""
+    def serve(self, port: int, host: str) -> int:
+        """Expose ``/metrics`` over HTTP on ``host:port`` (port 0 = a free one); returns the
+        port. The endpoint has no authentication: bind it where the gRPC server listens."""
         self._http, _ = start_http_server(port, addr=host, registry=self.registry)
         return int(self._http.server_port)
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """``(host, port)`` the ``/metrics`` endpoint is bound to; None when not served."""
+        if self._http is None:
+            return None
+        host, port = self._http.server_address[:2]
+        return str(host), int(port)
 
     def close(self) -> None:
         if self._http is not None:
