@@ -95,7 +95,7 @@ class Adapter:
 
 
 def _fail(name: str, message: str) -> AdapterError:
-    return AdapterError(f"adapter {name!r}: {message}")
+    return AdapterError(f"adapter {shorten(name)}: {message}")
 
 
 WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -166,7 +166,7 @@ def _check_config(name: str, config: dict, kind: AdapterKind, shape: ModelShape)
     for key, want in expected.items():
         got = config.get(key)
         if got is not None and got != want:
-            raise _fail(name, f"{key} is {got} but the base model needs {want}")
+            raise _fail(name, f"{key} is {shorten(got)} but the base model needs {want}")
 
 
 def max_abs_value(kind: AdapterKind, shape: ModelShape, dtype: torch.dtype) -> float:
@@ -226,7 +226,8 @@ def load_peft_adapter(
     kind = supported.get(peft_type)
     if kind is None:
         raise _fail(
-            name, f"peft_type {peft_type or None!r} is not supported (use {', '.join(supported)})"
+            name,
+            f"peft_type {shorten(peft_type or None)} is not supported (use {', '.join(supported)})",
         )
     _check_config(name, config, kind, shape)
     weights = _read_weights(name, directory)

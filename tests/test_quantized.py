@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedTok
 
 from prefixserve import LLM, SamplingParams
 
-from conftest import tiny_config
 from hf_reference import hf_greedy
+from tiny_models import tiny_config
 
 pytest.importorskip("bitsandbytes")
 

@@ -8,12 +8,13 @@ import time
 
 import grpc
 import pytest
-from test_server import KEYS, server_config
 
 from prefixserve.client import Client
 from prefixserve.config import SchedulerConfig
 from prefixserve.quota import TenantQuota
 from prefixserve.server import BackgroundServer
+
+from test_server import KEYS, server_config
 
 LONG_PROMPT = [7, 8, 9, 10] * 110  # 440 tokens: ~28 steps at 16 tokens a step
 

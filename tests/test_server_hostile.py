@@ -19,7 +19,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from test_server import KEYS, server_config, wait_until_idle
 from transformers import PreTrainedTokenizerFast
 
 from prefixserve._proto import prefixserve_pb2 as pb
@@ -27,6 +26,8 @@ from prefixserve.cli import build_parser
 from prefixserve.client import Client
 from prefixserve.server import BackgroundServer, PrefixServer
 from prefixserve.server.errors import request_limits
+
+from test_server import KEYS, server_config, wait_until_idle
 
 GEN, ADA = "/prefixserve.v1.GenerationService/", "/prefixserve.v1.AdapterService/"
 RPCS = {  # method -> (request type, streams its answer)

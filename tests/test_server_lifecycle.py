@@ -15,11 +15,12 @@ import pytest
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
-from test_server import KEYS, KEYS_TEXT, server_config, wait_until_idle
 
 from prefixserve.client import Client
 from prefixserve.engine import LLMEngine
 from prefixserve.server import ApiKeys, BackgroundServer
+
+from test_server import KEYS, KEYS_TEXT, server_config, wait_until_idle
 
 METRICS = [
     "prefixserve_queue_depth",

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import grpc
 import pytest
-from test_server import KEYS, server_config
 
 from prefixserve.adapters import AdapterNotFoundError
 from prefixserve.client import Client
 from prefixserve.quota import TenantQuota
 from prefixserve.server import BackgroundServer
 from prefixserve.server.errors import status_of
+
+from test_server import KEYS, server_config
 
 DEADLINES = [0.0005 * 1.35**i for i in range(24)]  # 0.5 ms .. 500 ms
 
