@@ -30,7 +30,7 @@ class AttentionMetadata:
     """(B, max_blocks) int32: each request's own blocks, in order; padding is 0 and never read."""
     slot_mapping: torch.Tensor
     """(T,) int64: the slot each new token's K/V is written to."""
-    prefix_ids: torch.Tensor
+    prefix_index: torch.Tensor
     """(B,) int32: row of the prefix tables each request reads, -1 for no prefix."""
     prefix_lens: torch.Tensor
     """(NP,) int32: length of each prefix in tokens (NP may be 0)."""
@@ -40,8 +40,6 @@ class AttentionMetadata:
     """Tokens per block of the pool."""
     max_q_len: int
     """Largest number of query tokens of one request in this step (1 for a pure decode step)."""
-    max_kv_len: int
-    """Largest prefix + own length of one request in this step."""
 
     @property
     def num_requests(self) -> int:
@@ -61,8 +59,8 @@ class AttentionMetadata:
         """(B,) int32: prefix length seen by each request (0 without a prefix)."""
         if self.prefix_lens.numel() == 0:
             return torch.zeros_like(self.own_lens)
-        lens = self.prefix_lens[self.prefix_ids.clamp(min=0).long()]
-        return torch.where(self.prefix_ids >= 0, lens, torch.zeros_like(lens))
+        lens = self.prefix_lens[self.prefix_index.clamp(min=0).long()]
+        return torch.where(self.prefix_index >= 0, lens, torch.zeros_like(lens))
 
     def to(self, device: torch.device | str) -> AttentionMetadata:
         """Copy every tensor to ``device`` (asynchronously only towards a GPU: a non-blocking copy
@@ -73,10 +71,9 @@ class AttentionMetadata:
             own_lens=self.own_lens.to(device, non_blocking=nb),
             block_tables=self.block_tables.to(device, non_blocking=nb),
             slot_mapping=self.slot_mapping.to(device, non_blocking=nb),
-            prefix_ids=self.prefix_ids.to(device, non_blocking=nb),
+            prefix_index=self.prefix_index.to(device, non_blocking=nb),
             prefix_lens=self.prefix_lens.to(device, non_blocking=nb),
             prefix_block_tables=self.prefix_block_tables.to(device, non_blocking=nb),
             block_size=self.block_size,
             max_q_len=self.max_q_len,
-            max_kv_len=self.max_kv_len,
         )

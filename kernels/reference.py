@@ -1,6 +1,6 @@
 """Pure-PyTorch prefix-augmented paged attention: the reference for every kernel and the CPU path.
 
-For request ``b`` with prefix ``p = prefix_ids[b]`` (``P = prefix_lens[p]``, or 0) and own length
+For request ``b`` with prefix ``p = prefix_index[b]`` (``P = prefix_lens[p]``, or 0) and own length
 ``N = own_lens[b]``, its keys are the concatenation ``[K_prefix(p) ; K_own(b)]`` of length
 ``P + N``, gathered from the paged pool. Query ``i`` of the request (own index
 ``N - q_len + i``) sees every prefix key and the own keys up to and including its own index:
@@ -85,7 +85,7 @@ def _gather_group(meta: AttentionMetadata, rows: torch.Tensor) -> GatherGroup:
     own_col = (own_j // bs).clamp(max=block_tables.shape[1] - 1)
     own_slot = block_tables.gather(1, own_col) * bs + own_j % bs
     if meta.prefix_block_tables.numel() > 0:
-        tables = meta.prefix_block_tables.long()[meta.prefix_ids[rows].clamp(min=0).long()]
+        tables = meta.prefix_block_tables.long()[meta.prefix_index[rows].clamp(min=0).long()]
         pre_col = (j // bs).clamp(max=tables.shape[1] - 1).expand(tables.shape[0], -1)
         pre_slot = tables.gather(1, pre_col) * bs + j % bs
         kv_slots = torch.where(is_prefix, pre_slot, own_slot)
@@ -195,7 +195,7 @@ def naive_prefix_attention(
     for b in range(meta.num_requests):
         start, end = int(meta.cu_q_lens[b]), int(meta.cu_q_lens[b + 1])
         n_own, q_len = int(meta.own_lens[b]), end - start
-        pid = int(meta.prefix_ids[b])
+        pid = int(meta.prefix_index[b])
         n_pre = int(meta.prefix_lens[pid]) if pid >= 0 else 0
         kv = slots(meta.block_tables[b], n_own)
         if n_pre:

@@ -62,7 +62,7 @@ def adapter_mix(kind: str, batch: int, num_prefixes: int, seed: int = 0) -> list
 def make_scenario(
     q_lens: list[int],
     own_lens: list[int],
-    prefix_ids: list[int],
+    prefix_index: list[int],
     prefix_lens: list[int],
     *,
     num_q_heads: int,
@@ -78,8 +78,8 @@ def make_scenario(
     of which the last ``q_lens[b]`` are this step's queries (written via ``slot_mapping``).
     ``spare_first_block``: no table uses block 0 (where padded table entries point), so a kernel
     that reads padding shows up once unreadable slots are poisoned."""
-    if not (len(q_lens) == len(own_lens) == len(prefix_ids)):
-        raise ValueError("q_lens, own_lens and prefix_ids must have one entry per request")
+    if not (len(q_lens) == len(own_lens) == len(prefix_index)):
+        raise ValueError("q_lens, own_lens and prefix_index must have one entry per request")
     if any(q > n or q < 1 for q, n in zip(q_lens, own_lens)):
         raise ValueError("each request needs 1 <= q_len <= own_len")
     gen = torch.Generator().manual_seed(seed)
@@ -115,7 +115,6 @@ def make_scenario(
     cu = [0]
     for q in q_lens:
         cu.append(cu[-1] + q)
-    pre_len_of = [prefix_lens[p] if p >= 0 else 0 for p in prefix_ids]
     meta = AttentionMetadata(
         cu_q_lens=torch.tensor(cu, dtype=torch.int32),
         own_lens=torch.tensor(own_lens, dtype=torch.int32),
@@ -123,14 +122,13 @@ def make_scenario(
             [t + [0] * (width - len(t)) for t in own_tables], dtype=torch.int32
         ),
         slot_mapping=slot_mapping,
-        prefix_ids=torch.tensor(prefix_ids, dtype=torch.int32),
+        prefix_index=torch.tensor(prefix_index, dtype=torch.int32),
         prefix_lens=torch.tensor(prefix_lens, dtype=torch.int32),
         prefix_block_tables=torch.tensor(
             [t + [0] * (pwidth - len(t)) for t in prefix_tables] or [[0]], dtype=torch.int32
         )[: len(prefix_lens)],
         block_size=block_size,
         max_q_len=max(q_lens),
-        max_kv_len=max(p + n for p, n in zip(pre_len_of, own_lens)),
     )
     scenario = Scenario(
         query=query,
@@ -154,7 +152,7 @@ def readable_slots(meta: AttentionMetadata) -> torch.Tensor:
         n_own = int(meta.own_lens[b])
         pos = torch.arange(n_own)
         slots.append(meta.block_tables[b].long().cpu()[pos // bs] * bs + pos % bs)
-        pid = int(meta.prefix_ids[b])
+        pid = int(meta.prefix_index[b])
         if pid >= 0:
             pos = torch.arange(int(meta.prefix_lens[pid]))
             slots.append(meta.prefix_block_tables[pid].long().cpu()[pos // bs] * bs + pos % bs)

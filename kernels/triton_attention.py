@@ -51,7 +51,7 @@ def _check_plan(query: torch.Tensor, k_cache: torch.Tensor, plan: StepPlan) -> N
         "cu_q_lens",
         "own_lens",
         "block_tables",
-        "prefix_ids",
+        "prefix_index",
         "prefix_lens",
         "prefix_block_tables",
     ):

@@ -24,7 +24,7 @@ def _decode_kernel(
     part_lse_ptr,
     own_lens_ptr,
     block_tables_ptr,
-    prefix_ids_ptr,
+    prefix_index_ptr,
     prefix_lens_ptr,
     prefix_tables_ptr,
     qk_scale,
@@ -75,7 +75,7 @@ def _decode_kernel(
 
     own_len = tl.load(own_lens_ptr + b)
     pre_len = own_len * 0
-    prefix = tl.load(prefix_ids_ptr + b)
+    prefix = tl.load(prefix_index_ptr + b)
     if WITH_PREFIX:
         pre_len = tl.where(prefix >= 0, tl.load(prefix_lens_ptr + tl.maximum(prefix, 0)), 0)
     total = pre_len + own_len
@@ -175,7 +175,7 @@ def _merge_kernel(
     part_o_ptr,
     part_lse_ptr,
     out_ptr,
-    prefix_ids_ptr,
+    prefix_index_ptr,
     num_parts,
     num_prefix_parts,
     stride_ot,
@@ -196,7 +196,7 @@ def _merge_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     valid = offs_s < num_parts
     if SKIP_ABSENT_PREFIX:
-        first = tl.where(tl.load(prefix_ids_ptr + b) >= 0, 0, num_prefix_parts)
+        first = tl.where(tl.load(prefix_index_ptr + b) >= 0, 0, num_prefix_parts)
         valid = valid & (offs_s >= first)
     row = (b.to(tl.int64) * num_heads + h) * num_parts + offs_s
     lse = tl.load(part_lse_ptr + row, mask=valid, other=float("-inf"))
@@ -224,7 +224,7 @@ def merge_partials(plan: StepPlan, out: torch.Tensor, num_prefix_parts: int) -> 
         part_o,
         part_lse,
         out,
-        plan.meta.prefix_ids,
+        plan.meta.prefix_index,
         num_parts,
         num_prefix_parts,
         out.stride(0),
@@ -272,7 +272,7 @@ def launch_decode(
         part_lse,
         meta.own_lens,
         meta.block_tables,
-        meta.prefix_ids,
+        meta.prefix_index,
         meta.prefix_lens,
         meta.prefix_block_tables,
         scale * LOG2E,

@@ -118,7 +118,7 @@ class HostStep:
 
     q_lens: torch.Tensor
     own_lens: torch.Tensor
-    prefix_ids: torch.Tensor
+    prefix_index: torch.Tensor
     prefix_lens: torch.Tensor
     request_prefix_lens: torch.Tensor
 
@@ -202,12 +202,12 @@ def _prefill_work(
     )
 
 
-def _grouped_work(prefix_ids, prefix_lens, rows_per_tile: int, tiles: TileConfig):
+def _grouped_work(prefix_index, prefix_lens, rows_per_tile: int, tiles: TileConfig):
     """Host-side grouping; returns ``(work tensors on CPU, tokens read per tile)``."""
-    with_prefix = torch.nonzero(prefix_ids >= 0).flatten()
-    order = torch.argsort(prefix_ids[with_prefix], stable=True)
+    with_prefix = torch.nonzero(prefix_index >= 0).flatten()
+    order = torch.argsort(prefix_index[with_prefix], stable=True)
     sorted_reqs = with_prefix[order]
-    ids, counts = torch.unique_consecutive(prefix_ids[sorted_reqs], return_counts=True)
+    ids, counts = torch.unique_consecutive(prefix_index[sorted_reqs], return_counts=True)
     per_group = (counts + rows_per_tile - 1) // rows_per_tile
     group = torch.repeat_interleave(torch.arange(ids.numel()), per_group)
     group_first = torch.cumsum(counts, 0) - counts
@@ -248,7 +248,7 @@ def plan_step(
     host = HostStep(
         q_lens=meta.q_lens.cpu().long(),
         own_lens=meta.own_lens.cpu().long(),
-        prefix_ids=meta.prefix_ids.cpu().long(),
+        prefix_index=meta.prefix_index.cpu().long(),
         prefix_lens=meta.prefix_lens.cpu().long(),
         request_prefix_lens=meta.request_prefix_lens.cpu().long(),
     )
@@ -292,7 +292,7 @@ def specialize(plan: StepPlan, num_q_heads: int, num_kv_heads: int, head_dim: in
 
     sms = num_sms(device)
     tiles = group_tiles(gqa, head_dim)
-    work, tile_len = _grouped_work(host.prefix_ids, host.prefix_lens, tiles.block_m // gqa, tiles)
+    work, tile_len = _grouped_work(host.prefix_index, host.prefix_lens, tiles.block_m // gqa, tiles)
     kv_lens = host.request_prefix_lens + host.own_lens
     plain_tokens = int(kv_lens.sum())
     grouped_tokens = int(tile_len.sum() + host.own_lens.sum())

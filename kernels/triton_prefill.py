@@ -27,7 +27,7 @@ def _prefill_kernel(
     cu_q_lens_ptr,
     own_lens_ptr,
     block_tables_ptr,
-    prefix_ids_ptr,
+    prefix_index_ptr,
     prefix_lens_ptr,
     prefix_tables_ptr,
     tile_req_ptr,
@@ -63,7 +63,7 @@ def _prefill_kernel(
     q_start = tl.load(cu_q_lens_ptr + b)
     q_len = tl.load(cu_q_lens_ptr + b + 1) - q_start
     own_len = tl.load(own_lens_ptr + b)
-    prefix = tl.load(prefix_ids_ptr + b)
+    prefix = tl.load(prefix_index_ptr + b)
     pre_len = tl.where(prefix >= 0, tl.load(prefix_lens_ptr + tl.maximum(prefix, 0)), 0)
 
     offs_m = tl.arange(0, BLOCK_M)
@@ -168,7 +168,7 @@ def prefill_attention(
         meta.cu_q_lens,
         meta.own_lens,
         meta.block_tables,
-        meta.prefix_ids,
+        meta.prefix_index,
         meta.prefix_lens,
         meta.prefix_block_tables,
         work.tile_req,

@@ -77,7 +77,7 @@ class ModelRunner:
         logits_indices: list[int] = []
         sampling: list[Request] = []
         prefix_rows: dict[Prefix, int] = {}
-        prefix_ids: list[int] = []
+        prefix_index: list[int] = []
         for request, n in zip(scheduled.requests, scheduled.num_new_tokens):
             start = request.num_computed_tokens
             own = np.arange(start, start + n)
@@ -87,7 +87,7 @@ class ModelRunner:
             cu_q.append(cu_q[-1] + n)
             own_lens.append(start + n)
             prefix = request.prefix
-            prefix_ids.append(
+            prefix_index.append(
                 -1 if prefix is None else prefix_rows.setdefault(prefix, len(prefix_rows))
             )
             if start + n == request.num_tokens:
@@ -98,12 +98,11 @@ class ModelRunner:
             own_lens=torch.tensor(own_lens, dtype=torch.int32),
             block_tables=_pad_tables([r.block_ids for r in scheduled.requests]),
             slot_mapping=torch.from_numpy(np.concatenate(slots).astype(np.int64)),
-            prefix_ids=torch.tensor(prefix_ids, dtype=torch.int32),
+            prefix_index=torch.tensor(prefix_index, dtype=torch.int32),
             prefix_lens=torch.tensor([p.num_tokens for p in prefix_rows], dtype=torch.int32),
             prefix_block_tables=_pad_tables([p.block_ids for p in prefix_rows]),
             block_size=bs,
             max_q_len=max(scheduled.num_new_tokens),
-            max_kv_len=max(r.num_prefix_tokens + n for r, n in zip(scheduled.requests, own_lens)),
         )
         return ModelInput(
             input_ids=torch.tensor(ids, dtype=torch.int64, device=self.device),
@@ -148,12 +147,11 @@ class ModelRunner:
             own_lens=torch.tensor([start + num], dtype=torch.int32),
             block_tables=_pad_tables([prefix.block_ids]),
             slot_mapping=slot_mapping,
-            prefix_ids=torch.tensor([-1], dtype=torch.int32),
+            prefix_index=torch.tensor([-1], dtype=torch.int32),
             prefix_lens=torch.zeros((0,), dtype=torch.int32),
             prefix_block_tables=_pad_tables([]),
             block_size=bs,
             max_q_len=num,
-            max_kv_len=start + num,
         )
         positions = torch.arange(start, start + num, device=self.device)
         no_logits = torch.zeros((0,), dtype=torch.int64, device=self.device)

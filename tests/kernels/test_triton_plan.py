@@ -7,11 +7,11 @@ from prefixserve.kernels.testing import make_scenario
 from prefixserve.kernels.triton_plan import DispatchRule, _num_splits, plan_step
 
 
-def _decode_meta(batch, own, prefix_ids, prefix_lens, block_size=16):
+def _decode_meta(batch, own, prefix_index, prefix_lens, block_size=16):
     sc = make_scenario(
         [1] * batch,
         own,
-        prefix_ids,
+        prefix_index,
         prefix_lens,
         num_q_heads=8,
         num_kv_heads=2,
@@ -47,13 +47,13 @@ def test_grouped_work_list_sorts_requests_by_prefix_and_tiles_rows():
     meta = _decode_meta(7, [3] * 7, [1, -1, 0, 1, 1, 0, -1], [5, 9])
     plan = _plan(meta, decode_mode="grouped")
     work = plan.grouped
-    ids = meta.prefix_ids[work.sorted_reqs.long()]
+    ids = meta.prefix_index[work.sorted_reqs.long()]
     assert ids.tolist() == sorted(ids.tolist()) and -1 not in ids.tolist()
     for begin, end, prefix in zip(
         work.tile_begin.tolist(), work.tile_end.tolist(), work.tile_prefix.tolist(), strict=True
     ):
         assert 0 < end - begin <= work.tiles.block_m // 4
-        assert set(meta.prefix_ids[work.sorted_reqs[begin:end].long()].tolist()) == {prefix}
+        assert set(meta.prefix_index[work.sorted_reqs[begin:end].long()].tolist()) == {prefix}
     assert (
         sum(e - b for b, e in zip(work.tile_begin.tolist(), work.tile_end.tolist(), strict=True))
         == 5
