@@ -34,6 +34,10 @@ class AdapterNotFoundError(AdapterError):
     """A request names an adapter that is not loaded, or is being unloaded."""
 
 
+class AdapterNameTakenError(AdapterError):
+    """An adapter of that name is loaded (or still being unloaded)."""
+
+
 class AdapterKind(str, enum.Enum):
     PROMPT_TUNING = "PROMPT_TUNING"
     P_TUNING = "P_TUNING"

@@ -17,7 +17,9 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-from .engine import LLMEngine, Prompt, StepError
+from .adapters import Adapter
+from .engine import EngineStats, LLMEngine, Prompt, StepError
+from .prefix_store import AdapterInfo
 from .request import RequestOutput
 from .sampling_params import SamplingParams
 
@@ -52,6 +54,8 @@ class AsyncEngine:
         self._ids = itertools.count()
         self._stopping = threading.Event()
         self._error: BaseException | None = None
+        self.description = engine.describe()
+        self._stats = engine.stats()
         self._thread = threading.Thread(target=self._loop, name="prefixserve-engine", daemon=True)
         self._thread.start()
 
@@ -105,6 +109,22 @@ class AsyncEngine:
         finally:
             if not finished:  # commands run in order: this abort follows the add, if it ran
                 self._submit(lambda: self._abort(request_id))
+
+    def stats(self) -> EngineStats:
+        """The engine's latest snapshot (published by its thread after every step); safe to
+        call from any thread."""
+        return self._stats
+
+    async def adapter_info(self, names: list[str]) -> list[AdapterInfo | None]:
+        """What the engine holds of each adapter in ``names`` (None if not loaded)."""
+        return await self.run(lambda e: [e.adapter_info(name) for name in names])
+
+    async def read_adapter(
+        self, name: str, path: str | None = None, text: str | None = None
+    ) -> Adapter:
+        """Read and validate an adapter in a worker thread (see ``LLMEngine.read_adapter``);
+        register it with ``run(lambda e: e.add_adapter(adapter))``."""
+        return await asyncio.to_thread(self.engine.read_adapter, name, path, text)
 
     async def abort(self, request_id: str) -> None:
         """Abort a request; its stream ends with an output whose finish reason is 'abort'."""
@@ -160,6 +180,7 @@ class AsyncEngine:
                 self._run_commands(block=idle)
                 if self.engine.has_unfinished_requests():
                     self._step()
+                self._stats = self.engine.stats()
         except BaseException as e:
             logger.exception("engine loop crashed")
             self._error = e
@@ -180,11 +201,10 @@ class AsyncEngine:
 
     def _close(self) -> None:
         """The loop ended: abort what is left, end every open stream, refuse queued commands."""
-        for request_id in list(self.engine.requests):
-            try:
-                self.engine.abort(request_id)
-            except Exception:
-                logger.exception("could not abort %s while closing", request_id)
+        try:
+            self.engine.abort_all()
+        except Exception:
+            logger.exception("could not abort the requests left while closing")
         for request_id in list(self._streams):
             self._push(request_id, EngineDeadError(self._dead_reason()))
         self._fail_pending_commands()
@@ -236,5 +256,5 @@ class AsyncEngine:
             self._push(request_id, out)
 
     def _abort_all(self) -> None:
-        for request_id in list(self.engine.requests):
-            self._abort(request_id)
+        for out in self.engine.abort_all():
+            self._push(out.request_id, out)

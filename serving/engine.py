@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -21,7 +22,7 @@ from .model_loader import load_model
 from .model_runner import ModelRunner
 from .prefix_store import AdapterInfo, PrefixStore
 from .request import FinishReason, Request, RequestOutput
-from .sampler import Sampler, TokenLogprobs, request_generator
+from .sampler import Sampler, request_generator
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .text import shorten
@@ -62,6 +63,48 @@ def _max_model_len(model: PreTrainedModel, requested: int | None) -> int:
             raise ValueError(f"max_model_len must be <= the model's limit {limit}, got {requested}")
         return requested
     return limit
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """A snapshot of the engine for monitoring, like vLLM's ``SchedulerStats``."""
+
+    waiting: int
+    """Requests waiting to be scheduled."""
+    running: int
+    """Requests in the running batch."""
+    kv_blocks_used: int
+    """KV blocks held by requests and adapter prefixes."""
+    kv_blocks_total: int
+    prefix_blocks: int
+    """KV blocks holding adapter prefixes."""
+    adapters_loaded: int
+    generated_tokens: int
+    """Output tokens generated since the engine started."""
+    prefix_hits: int
+    """Requests that found their adapter prefix resident and filled."""
+    prefix_materializations: int
+    """Adapter prefixes computed into the pool (first use, or again after an eviction)."""
+    prefix_evictions: int
+    preemptions: int
+    """Requests preempted (recomputed later) for KV blocks."""
+
+
+@dataclass(frozen=True, slots=True)
+class EngineDescription:
+    """What an engine serves; fixed once it is built."""
+
+    model_path: str
+    dtype: str
+    device: str
+    max_model_len: int
+    """Adapter prefix + prompt + output must fit."""
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    block_size: int
+    num_kv_blocks: int
+    attention_backend: str
+    has_chat_template: bool
 
 
 class LLMEngine:
@@ -185,10 +228,17 @@ class LLMEngine:
         self.prefixes.add(adapter)
         return self.prefixes.info(adapter.name)
 
-    def unload_adapter(self, name: str) -> bool:
+    def unload_adapter(self, name: str, missing_ok: bool = False) -> bool:
         """Unload ``name``: now if no request holds it (True), else when the last one ends
-        (False); new requests for it are refused from now on."""
+        (False); new requests for it are refused from now on. ``missing_ok``: an adapter that
+        is not loaded counts as unloaded now (else :class:`AdapterNotFoundError`)."""
+        if missing_ok and self.adapter_info(name) is None:
+            return True
         return self.prefixes.remove(name)
+
+    def adapter_info(self, name: str) -> AdapterInfo | None:
+        """What the engine holds of adapter ``name``, or None if it is not loaded."""
+        return self.prefixes.info(name) if name in self.prefixes.prefixes else None
 
     def list_adapters(self) -> list[AdapterInfo]:
         return [self.prefixes.info(name) for name in self.prefixes.prefixes]
@@ -201,8 +251,45 @@ class LLMEngine:
         self.scheduler.finish(request, FinishReason.ABORT)
         return self._output(request, "", [])
 
+    def abort_all(self) -> list[RequestOutput]:
+        """Abort every unfinished request (shutdown)."""
+        outputs = [self.abort(request_id) for request_id in list(self.requests)]
+        return [out for out in outputs if out is not None]
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished
+
+    def stats(self) -> EngineStats:
+        """A snapshot of queues, memory and counters (call on the engine's thread)."""
+        prefix_stats = self.prefixes.stats
+        return EngineStats(
+            waiting=len(self.scheduler.waiting),
+            running=len(self.scheduler.running),
+            kv_blocks_used=self.allocator.num_used,
+            kv_blocks_total=self.allocator.num_blocks,
+            prefix_blocks=self.prefixes.resident_blocks,
+            adapters_loaded=len(self.prefixes.prefixes),
+            generated_tokens=self.num_generated_tokens,
+            prefix_hits=prefix_stats.hits,
+            prefix_materializations=prefix_stats.materializations,
+            prefix_evictions=prefix_stats.evictions,
+            preemptions=self.scheduler.num_preemptions,
+        )
+
+    def describe(self) -> EngineDescription:
+        """What the engine serves (fixed once it is built)."""
+        return EngineDescription(
+            model_path=str(self.model_path),
+            dtype=str(self.runner.dtype).removeprefix("torch."),
+            device=str(self.runner.device),
+            max_model_len=self.max_model_len,
+            vocab_size=self.vocab_size,
+            eos_token_ids=tuple(sorted(self.eos_token_ids)),
+            block_size=self.block_size,
+            num_kv_blocks=self.allocator.num_blocks,
+            attention_backend=self.runner.backend.name,
+            has_chat_template=self.tokenizer.chat_template is not None,
+        )
 
     def num_waiting(self, tenant: str | None = None) -> int:
         """Requests waiting to run (of ``tenant`` only, when given)."""
@@ -244,36 +331,14 @@ class LLMEngine:
                 self.scheduler.finish(request, FinishReason.ERROR)
                 del self.requests[request.request_id]
             raise StepError([r.request_id for r in failed], e) from e
-        self.scheduler.update(scheduled)
-        outputs = [
-            self._append(request, token, logprobs)
-            for request, token, logprobs in zip(sampling, sampled.token_ids, sampled.logprobs)
-        ]
-        self.num_generated_tokens += len(sampling)
+        updates = self.scheduler.update(scheduled, sampling, sampled.token_ids, sampled.logprobs)
+        self.num_generated_tokens += len(updates)
+        outputs = []
+        for update in updates:
+            outputs.append(self._output(update.request, update.delta_text, [update.token]))
+            if update.request.is_finished:
+                del self.requests[update.request.request_id]
         return outputs
-
-    def _append(
-        self, request: Request, token: int, logprobs: TokenLogprobs | None
-    ) -> RequestOutput:
-        request.token_ids.append(token)
-        if logprobs is not None:
-            request.logprobs.append(logprobs)
-        params = request.params
-        reason: FinishReason | None = None
-        delta = ""
-        if token in request.eos_token_ids or token in (params.stop_token_ids or ()):
-            reason = FinishReason.STOP
-        else:
-            delta = request.detokenizer.append(token)
-            if request.detokenizer.stopped:
-                reason = FinishReason.STOP
-            elif request.num_output_tokens >= params.max_new_tokens:
-                reason = FinishReason.LENGTH
-        if reason is not None:
-            delta += request.detokenizer.flush()
-            self.scheduler.finish(request, reason)
-            del self.requests[request.request_id]
-        return self._output(request, delta, [token])
 
     def _output(self, request: Request, delta: str, delta_ids: list[int]) -> RequestOutput:
         reason = request.finish_reason
@@ -287,4 +352,5 @@ class LLMEngine:
             delta_token_ids=delta_ids,
             logprobs=list(request.logprobs) if request.params.logprobs is not None else None,
             num_prompt_tokens=request.num_prompt_tokens,
+            num_prefix_tokens=request.num_prefix_tokens,
         )

@@ -12,7 +12,13 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
-from .adapters import Adapter, AdapterError, AdapterNotFoundError, blocks_for
+from .adapters import (
+    Adapter,
+    AdapterError,
+    AdapterNameTakenError,
+    AdapterNotFoundError,
+    blocks_for,
+)
 from .kv_cache import BlockAllocator
 from .text import shorten
 
@@ -104,11 +110,11 @@ class PrefixStore:
         if prefix is None:
             return
         if prefix.unloading:
-            raise AdapterError(
-                f"adapter {name!r} is still being unloaded ({prefix.requests} requests use it); "
-                "load it again once they finish, or under another name"
+            raise AdapterNameTakenError(
+                f"adapter {shorten(name)} is still being unloaded ({prefix.requests} requests use "
+                "it); load it again once they finish, or under another name"
             )
-        raise AdapterError(f"adapter {name!r} is already loaded; unload it first")
+        raise AdapterNameTakenError(f"adapter {shorten(name)} is already loaded; unload it first")
 
     def get(self, name: str) -> Prefix:
         """The usable prefix named ``name``; ``AdapterError`` if unknown or being unloaded."""

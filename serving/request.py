@@ -97,3 +97,5 @@ class RequestOutput:
     logprobs: list[TokenLogprobs] | None = None
     """Per generated token, when requested."""
     num_prompt_tokens: int = 0
+    num_prefix_tokens: int = 0
+    """Tokens of the adapter's prefix in front of the prompt (0 without an adapter)."""

@@ -21,13 +21,24 @@ chunk.
 from __future__ import annotations
 
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from .config import SchedulerConfig
 from .kv_cache import BlockAllocator
 from .prefix_store import Prefix, PrefixStore
 from .request import FinishReason, Request, RequestStatus
+from .sampler import TokenLogprobs
+
+
+@dataclass(frozen=True, slots=True)
+class TokenUpdate:
+    """A token a request appended in a step, and the text it added (finished requests are
+    finished already)."""
+
+    request: Request
+    token: int
+    delta_text: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,9 +166,17 @@ class Scheduler:
         out.fills.append(PrefixFill(prefix, prefix.filled, n))
         return n
 
-    def update(self, scheduled: SchedulerOutput) -> None:
+    def update(
+        self,
+        scheduled: SchedulerOutput,
+        sampling: Sequence[Request] = (),
+        tokens: Sequence[int] = (),
+        logprobs: Sequence[TokenLogprobs | None] = (),
+    ) -> list[TokenUpdate]:
         """Apply a step that ran: requests computed their scheduled tokens, prefixes their
-        filled chunks."""
+        filled chunks, and each request of ``sampling`` appends its sampled token (with its
+        ``logprobs``), checks its stops and, when done, finishes (blocks freed, prefix let go).
+        The one place where a step changes request and prefix state."""
         for request, n in zip(scheduled.requests, scheduled.num_new_tokens):
             request.num_computed_tokens += n
         for fill in scheduled.fills:
@@ -165,6 +184,27 @@ class Scheduler:
                 fill.prefix.filled = fill.start + fill.num_tokens
                 if fill.prefix.materialized:
                     self.prefix_store.stats.materializations += 1
+        return [self._append(r, t, lp) for r, t, lp in zip(sampling, tokens, logprobs)]
+
+    def _append(self, request: Request, token: int, logprobs: TokenLogprobs | None) -> TokenUpdate:
+        request.token_ids.append(token)
+        if logprobs is not None:
+            request.logprobs.append(logprobs)
+        params = request.params
+        reason: FinishReason | None = None
+        delta = ""
+        if token in request.eos_token_ids or token in (params.stop_token_ids or ()):
+            reason = FinishReason.STOP
+        else:
+            delta = request.detokenizer.append(token)
+            if request.detokenizer.stopped:
+                reason = FinishReason.STOP
+            elif request.num_output_tokens >= params.max_new_tokens:
+                reason = FinishReason.LENGTH
+        if reason is not None:
+            delta += request.detokenizer.flush()
+            self.finish(request, reason)
+        return TokenUpdate(request, token, delta)
 
     def finish(self, request: Request, reason: FinishReason) -> None:
         """Take ``request`` out of the queues, free its blocks and mark it finished."""

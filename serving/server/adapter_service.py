@@ -20,7 +20,6 @@ from .._proto import prefixserve_pb2 as pb
 from .._proto import prefixserve_pb2_grpc as pb_grpc
 from ..adapters import AdapterError
 from ..async_engine import AsyncEngine
-from ..engine import LLMEngine
 from ..prefix_store import AdapterInfo
 from ..text import shorten
 from . import protocol
@@ -56,28 +55,8 @@ class AdapterSpec:
 async def _engine_load(engine: AsyncEngine, name: str, source: dict[str, str]) -> AdapterInfo:
     """Read and validate the adapter in a worker thread, then register it on the engine's
     thread (between steps)."""
-    adapter = await asyncio.to_thread(
-        engine.engine.read_adapter, name, path=source.get("path"), text=source.get("text")
-    )
-
-    def add(e: LLMEngine) -> AdapterInfo:
-        prefix = e.prefixes.prefixes.get(name)
-        if prefix is not None and prefix.unloading:
-            raise AlreadyExistsError(
-                f"adapter {shorten(name.rpartition('/')[2])} is still being unloaded: "
-                f"{prefix.requests} requests use it; retry when they finish"
-            )
-        return e.add_adapter(adapter)
-
-    return await engine.run(add)
-
-
-async def _engine_info(engine: AsyncEngine, names: list[str]) -> list[AdapterInfo | None]:
-    def infos(e: LLMEngine) -> list[AdapterInfo | None]:
-        store = e.prefixes
-        return [store.info(n) if n in store.prefixes else None for n in names]
-
-    return await engine.run(infos)
+    adapter = await engine.read_adapter(name, path=source.get("path"), text=source.get("text"))
+    return await engine.run(lambda e: e.add_adapter(adapter))
 
 
 def _client_words(message: str, staged: Path, record: AdapterRecord) -> str:
@@ -146,7 +125,7 @@ class AdapterService(pb_grpc.AdapterServiceServicer):
                 info = await _engine_load(engine, record.engine_name, source)
             except AdapterError as e:
                 await asyncio.to_thread(registry.discard, staged)
-                raise AdapterError(_client_words(str(e), staged, record)) from None
+                raise type(e)(_client_words(str(e), staged, record)) from None
             except BaseException:
                 await asyncio.to_thread(registry.discard, staged)
                 raise
@@ -249,12 +228,7 @@ class AdapterService(pb_grpc.AdapterServiceServicer):
             if self.state.registry.records.get(record.engine_name) is not record:
                 raise not_found(record.name)  # another call unloaded it meanwhile
 
-            def unload(e: LLMEngine) -> bool:
-                if record.engine_name not in e.prefixes.prefixes:
-                    return True  # nothing left to unload in the engine
-                return e.unload_adapter(record.engine_name)
-
-            now = await engine.run(unload)
+            now = await engine.run(lambda e: e.unload_adapter(record.engine_name, missing_ok=True))
             await asyncio.to_thread(self.state.registry.remove, record)
         return now
 
@@ -275,7 +249,7 @@ class AdapterService(pb_grpc.AdapterServiceServicer):
         if request.all_tenants and not tenant.admin:
             raise PermissionDeniedError("only an admin key can list every tenant's adapters")
         records = self.state.registry.visible(tenant, request.all_tenants)
-        infos = await _engine_info(engine, [r.engine_name for r in records])
+        infos = await engine.adapter_info([r.engine_name for r in records])
         return pb.ListAdaptersResponse(
             adapters=[
                 protocol.adapter_message(r, i, admin=tenant.admin)
@@ -290,7 +264,7 @@ class AdapterService(pb_grpc.AdapterServiceServicer):
         tenant = self.state.authenticate(context)
         engine = self.state.ready()
         record = self._resolve(tenant, request.name, request.owner)
-        (info,) = await _engine_info(engine, [record.engine_name])
+        (info,) = await engine.adapter_info([record.engine_name])
         if info is None:
             raise AdapterError(f"adapter {request.name!r} was just unloaded")
         return protocol.adapter_message(record, info, admin=tenant.admin)

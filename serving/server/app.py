@@ -98,7 +98,7 @@ class PrefixServer:
         self.state = ServingState(
             keys=config.api_keys,
             registry=AdapterRegistry(config.registry_dir),
-            metrics=ServerMetrics(lambda: self.state.engine.engine if self.state.engine else None),
+            metrics=ServerMetrics(lambda: self.state.engine.stats() if self.state.engine else None),
             max_upload_bytes=config.max_upload_bytes,
             quota=config.quota,
         )

@@ -24,7 +24,7 @@ import grpc
 from grpc import aio
 
 from .._proto import prefixserve_pb2 as pb
-from ..adapters import AdapterNotFoundError
+from ..adapters import AdapterNameTakenError, AdapterNotFoundError
 from ..async_engine import EngineDeadError, QueueFullError
 from ..engine import StepError
 
@@ -101,6 +101,8 @@ def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
             f"the engine failed on the step that carried this request ({error.cause!r}); it was "
             "stopped and the server goes on serving",
         )
+    if isinstance(error, AdapterNameTakenError):
+        return grpc.StatusCode.ALREADY_EXISTS, str(error)
     if isinstance(error, AdapterNotFoundError):  # e.g. unloaded between lookup and use
         return grpc.StatusCode.NOT_FOUND, f"{error}; ListAdapters shows the adapters you can use"
     if isinstance(error, ValueError):  # validation, including the engine's AdapterError

@@ -1,9 +1,9 @@
 """Prometheus metrics: engine state read at scrape time, request latencies observed as they go.
 
-Engine gauges and counters come from :class:`EngineCollector`, which reads a few attributes of the
-engine when Prometheus scrapes (lengths of queues, counters; no lock and nothing on the engine
-thread), so the step loop never pays for metrics. Latency histograms are observed by the server
-per request as outputs reach it.
+Engine gauges and counters come from :class:`EngineCollector`, which reads the engine's latest
+:class:`~prefixserve.engine.EngineStats` snapshot when Prometheus scrapes (published by the
+engine's thread after each step; no lock), so the step loop never waits for metrics. Latency
+histograms are observed by the server per request as outputs reach it.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ..engine import LLMEngine
+from ..engine import EngineStats
 from ..request import RequestOutput
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -36,8 +36,8 @@ def adapter_label(engine_name: str | None) -> str:
 class EngineCollector(Collector):
     """Queue depth, running requests, KV blocks, prefix cache and token counts of the engine."""
 
-    def __init__(self, engine: Callable[[], LLMEngine | None]) -> None:
-        self._engine = engine
+    def __init__(self, stats: Callable[[], EngineStats | None]) -> None:
+        self._stats = stats
         self._last: tuple[float, int] | None = None
         self._rate = 0.0
 
@@ -50,44 +50,39 @@ class EngineCollector(Collector):
         return self._rate
 
     def collect(self) -> Iterator[Metric]:
-        engine = self._engine()
-        if engine is None:
+        stats = self._stats()
+        if stats is None:
             return
-        scheduler, allocator, stats = engine.scheduler, engine.allocator, engine.prefixes.stats
         gauges: list[tuple[str, str, float]] = [
-            ("queue_depth", "Requests waiting to be scheduled", len(scheduler.waiting)),
-            ("running_requests", "Requests in the running batch", len(scheduler.running)),
+            ("queue_depth", "Requests waiting to be scheduled", stats.waiting),
+            ("running_requests", "Requests in the running batch", stats.running),
             (
                 "kv_blocks_used",
                 "KV blocks in use (requests and adapter prefixes)",
-                allocator.num_used,
+                stats.kv_blocks_used,
             ),
-            ("kv_blocks_total", "KV blocks in the pool", allocator.num_blocks),
-            (
-                "prefix_blocks_resident",
-                "KV blocks holding adapter prefixes",
-                sum(len(p.block_ids) for p in list(engine.prefixes.prefixes.values())),
-            ),
-            ("adapters_loaded", "Adapters loaded in the engine", len(engine.prefixes.prefixes)),
+            ("kv_blocks_total", "KV blocks in the pool", stats.kv_blocks_total),
+            ("prefix_blocks_resident", "KV blocks holding adapter prefixes", stats.prefix_blocks),
+            ("adapters_loaded", "Adapters loaded in the engine", stats.adapters_loaded),
             (
                 "generation_tokens_per_second",
                 "Output tokens per second over the last scrape "
                 "interval (rate(prefixserve_generated_tokens_total) in PromQL is the same)",
-                self._tokens_per_second(engine.num_generated_tokens),
+                self._tokens_per_second(stats.generated_tokens),
             ),
         ]
         for name, doc, value in gauges:
             yield GaugeMetricFamily(f"prefixserve_{name}", doc, value=value)
         counters: list[tuple[str, str, float]] = [
-            ("generated_tokens", "Output tokens generated", engine.num_generated_tokens),
-            ("prefix_hits", "Requests that found their adapter prefix resident", stats.hits),
+            ("generated_tokens", "Output tokens generated", stats.generated_tokens),
+            ("prefix_hits", "Requests that found their adapter prefix resident", stats.prefix_hits),
             (
                 "prefix_materializations",
                 "Adapter prefixes computed into the pool",
-                stats.materializations,
+                stats.prefix_materializations,
             ),
-            ("prefix_evictions", "Adapter prefixes evicted from the pool", stats.evictions),
-            ("preemptions", "Requests preempted for KV blocks", scheduler.num_preemptions),
+            ("prefix_evictions", "Adapter prefixes evicted from the pool", stats.prefix_evictions),
+            ("preemptions", "Requests preempted for KV blocks", stats.preemptions),
         ]
         for name, doc, value in counters:
             yield CounterMetricFamily(f"prefixserve_{name}", doc, value=value)
@@ -126,9 +121,9 @@ class RequestTracker:
 class ServerMetrics:
     """The server's metric registry (one per server, so tests can run several)."""
 
-    def __init__(self, engine: Callable[[], LLMEngine | None]) -> None:
+    def __init__(self, stats: Callable[[], EngineStats | None]) -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(EngineCollector(engine))
+        self.registry.register(EngineCollector(stats))
         self.ttft = self._histogram(
             "time_to_first_token_seconds", "From arrival to the first token"
         )

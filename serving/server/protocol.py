@@ -75,17 +75,15 @@ def logprobs_message(entries: Sequence[TokenLogprobs]) -> list[pb.TokenLogprobs]
     ]
 
 
-def usage(out: RequestOutput, adapter_tokens: int) -> pb.Usage:
+def usage(out: RequestOutput) -> pb.Usage:
     return pb.Usage(
         prompt_tokens=out.num_prompt_tokens,
         completion_tokens=len(out.token_ids),
-        adapter_tokens=adapter_tokens,
+        adapter_tokens=out.num_prefix_tokens,
     )
 
 
-def stream_chunk(
-    out: RequestOutput, request_id: str, adapter_tokens: int
-) -> pb.GenerateStreamResponse:
+def stream_chunk(out: RequestOutput, request_id: str) -> pb.GenerateStreamResponse:
     chunk = pb.GenerateStreamResponse(
         request_id=request_id,
         delta_text=out.delta_text,
@@ -95,17 +93,17 @@ def stream_chunk(
         chunk.logprobs.extend(logprobs_message(out.logprobs[-len(out.delta_token_ids) :]))
     if out.finished:
         chunk.finish_reason = FINISH_REASONS.get(out.finish_reason or "", pb.FINISH_REASON_ABORT)
-        chunk.usage.CopyFrom(usage(out, adapter_tokens))
+        chunk.usage.CopyFrom(usage(out))
     return chunk
 
 
-def full_response(out: RequestOutput, adapter_tokens: int, request_id: str) -> pb.GenerateResponse:
+def full_response(out: RequestOutput, request_id: str) -> pb.GenerateResponse:
     return pb.GenerateResponse(
         request_id=request_id,
         text=out.text,
         token_ids=out.token_ids,
         finish_reason=FINISH_REASONS.get(out.finish_reason or "", pb.FINISH_REASON_ABORT),
-        usage=usage(out, adapter_tokens),
+        usage=usage(out),
         logprobs=logprobs_message(out.logprobs or []),
     )
 

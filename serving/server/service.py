@@ -29,7 +29,7 @@ from ..sampling_params import MAX_LOGPROBS
 from . import protocol
 from .errors import NotReadyError
 from .metrics import ServerMetrics
-from .registry import AdapterRecord, AdapterRegistry
+from .registry import AdapterRegistry
 from .tenants import ApiKeys, Tenant
 
 
@@ -67,19 +67,19 @@ def model_name(model_path: str) -> str:
 
 
 def model_info(engine: AsyncEngine) -> pb.ModelInfo:
-    e = engine.engine
+    d = engine.description
     return pb.ModelInfo(
-        model=model_name(e.model_path),
-        dtype=str(e.runner.dtype).removeprefix("torch."),
-        device=str(e.runner.device),
-        max_model_len=e.max_model_len,
-        vocab_size=e.vocab_size,
-        eos_token_ids=sorted(e.eos_token_ids),
-        block_size=e.block_size,
-        num_kv_blocks=e.allocator.num_blocks,
-        attention_backend=e.runner.backend.name,
+        model=model_name(d.model_path),
+        dtype=d.dtype,
+        device=d.device,
+        max_model_len=d.max_model_len,
+        vocab_size=d.vocab_size,
+        eos_token_ids=d.eos_token_ids,
+        block_size=d.block_size,
+        num_kv_blocks=d.num_kv_blocks,
+        attention_backend=d.attention_backend,
         max_logprobs=MAX_LOGPROBS,
-        has_chat_template=e.tokenizer.chat_template is not None,
+        has_chat_template=d.has_chat_template,
         server_version=__version__,
     )
 
@@ -96,14 +96,14 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         async for item in self._outputs(request, context):
             last = item
         assert last is not None, "the engine stream ended without a finished output"
-        return protocol.full_response(*last, request.request_id)
+        return protocol.full_response(last, request.request_id)
 
     async def GenerateStream(
         self, request: pb.GenerateRequest, context: aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
         async with contextlib.aclosing(self._outputs(request, context)) as outputs:
-            async for out, adapter_tokens in outputs:
-                yield protocol.stream_chunk(out, request.request_id, adapter_tokens)
+            async for out in outputs:
+                yield protocol.stream_chunk(out, request.request_id)
 
     async def Tokenize(
         self, request: pb.TokenizeRequest, context: aio.ServicerContext
@@ -134,8 +134,8 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
 
     async def _outputs(
         self, request: pb.GenerateRequest, context: aio.ServicerContext
-    ) -> AsyncGenerator[tuple[RequestOutput, int], None]:
-        """The engine's outputs for ``request`` (with the adapter's prefix length), timed.
+    ) -> AsyncGenerator[RequestOutput, None]:
+        """The engine's outputs for ``request``, timed.
 
         Counted as 'cancelled' when the client goes away or its deadline passes: grpc then
         cancels the handler (CancelledError) or, while a stream waits to send, closes this
@@ -147,7 +147,6 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         params = protocol.sampling_params(request)
         prompt = await asyncio.to_thread(self._prompt, request)  # tokenizing can take a while
         name = adapter.engine_name if adapter is not None else None
-        adapter_tokens = self._prefix_length(engine, adapter)
         request_id = f"{tenant.name}:{request.request_id or 'req'}:{next(self._ids)}"
         tracker = self.state.metrics.track(name, tenant.name)
         outcome = "error"
@@ -157,7 +156,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
                 tracker.on_output(out)
                 if out.finished:
                     outcome = out.finish_reason or "abort"
-                yield out, adapter_tokens
+                yield out
         except (asyncio.CancelledError, GeneratorExit):
             if outcome == "error":  # gone before the end (not after its last output)
                 outcome = "cancelled"
@@ -178,10 +177,3 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             assert self.state.tokenizer is not None
             return protocol.chat_token_ids(self.state.tokenizer, request.chat.messages)
         raise ValueError("the request has no prompt: set text, token_ids or chat")
-
-    @staticmethod
-    def _prefix_length(engine: AsyncEngine, adapter: AdapterRecord | None) -> int:
-        if adapter is None:
-            return 0
-        prefix = engine.engine.prefixes.prefixes.get(adapter.engine_name)  # a plain dict read
-        return prefix.num_tokens if prefix is not None else 0
