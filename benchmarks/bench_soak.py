@@ -47,7 +47,7 @@ import grpc
 
 from prefixserve._proto import prefixserve_pb2 as pb
 from prefixserve.client import Client, build_request, load_request
-from prefixserve.config import CacheConfig, EngineConfig, ModelConfig
+from prefixserve.config import EngineConfig
 from prefixserve.engine import LLMEngine
 from prefixserve.server import ApiKeys, BackgroundServer, ServerConfig
 from prefixserve.server.service import ServingState
@@ -499,8 +499,8 @@ def print_report(result: dict[str, Any]) -> None:
 def soak(args: argparse.Namespace) -> dict[str, Any]:
     tally, errors = Tally(), ErrorLog()
     logging.getLogger("prefixserve").addHandler(errors)
-    engine = EngineConfig(
-        ModelConfig(args.model, args.dtype), CacheConfig(num_kv_blocks=args.num_kv_blocks)
+    engine = EngineConfig.from_kwargs(
+        model=args.model, dtype=args.dtype, num_kv_blocks=args.num_kv_blocks
     )
     keys = ";".join(f"{t} {k}" + (" admin" if t == ADMIN else "") for t, k in KEYS.items())
     with tempfile.TemporaryDirectory(prefix="soak-registry-") as registry:

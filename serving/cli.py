@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,7 +34,7 @@ DEFAULT_SERVER = "127.0.0.1:50051"
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+    from .config import EngineConfig, engine_options
     from .default_model import cache_root
     from .quota import TenantQuota
     from .server import AdapterSpec, ApiKeys, PrefixServer, ServerConfig, serve
@@ -45,20 +46,8 @@ def _serve(args: argparse.Namespace) -> int:
         None if args.registry_dir == "none" else args.registry_dir or cache_root() / "registry"
     )
     config = ServerConfig(
-        engine=EngineConfig(
-            model=ModelConfig(
-                args.model, args.dtype, args.quantization, args.device, args.max_model_len
-            ),
-            cache=CacheConfig(
-                num_kv_blocks=args.num_kv_blocks,
-                kv_memory_fraction=args.kv_memory_fraction,
-                cpu_kv_memory_gib=args.kv_memory_gib,
-            ),
-            scheduler=SchedulerConfig(
-                max_num_batched_tokens=args.max_num_batched_tokens,
-                max_num_seqs=args.max_num_seqs,
-                long_prefill_token_threshold=args.long_prefill_token_threshold or None,
-            ),
+        engine=EngineConfig.from_kwargs(
+            **{option.name: getattr(args, option.name) for option in engine_options()}
         ),
         host=args.host,
         port=args.port,
@@ -90,6 +79,43 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+ENGINE_FLAG_ALIASES = {"cpu_kv_memory_gib": ("--kv-memory-gib",)}
+"""Older spellings of engine flags that still work."""
+
+
+def _add_engine_flags(group: argparse._ArgumentGroup) -> None:
+    """One flag per engine option (``prefixserve.config``), its default and docstring as help."""
+    from .config import engine_options
+
+    for option in engine_options():
+        flag = "--" + option.name.replace("_", "-")
+        group.add_argument(
+            flag,
+            *ENGINE_FLAG_ALIASES.get(option.name, ()),
+            dest=option.name,
+            type=_flag_type(option.annotation),
+            default=option.default,
+            metavar=option.name.rpartition("_")[2].upper(),
+            help=f"{option.help} (default: {option.default})".replace("%", "%%"),
+        )
+
+
+def _flag_type(annotation: str) -> Callable[[str], object]:
+    """Parser of a flag's text for a field typed ``annotation``; 'none' gives None where the
+    field is optional."""
+    base: Callable[[str], object] = (
+        int if annotation.startswith("int") else float if annotation.startswith("float") else str
+    )
+    if "None" not in annotation:
+        return base
+
+    def optional(text: str) -> object:
+        return None if text.lower() == "none" else base(text)
+
+    optional.__name__ = getattr(base, "__name__", "value")  # argparse names it in errors
+    return optional
+
+
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
@@ -102,14 +128,11 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "admins may load from server paths and load public adapters. Without keys the server is "
         "open and every adapter is public: keep it on localhost then.",
     )
-    p.add_argument("--model", help="HF model directory (default: the embedded SmolLM2-135M)")
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 or float16",
+    _add_engine_flags(
+        p.add_argument_group(
+            "engine", "model, KV pool, scheduling, attention ('none' sets an option to None)"
+        )
     )
-    p.add_argument("--quantization", default="none", help="none, 8bit, 4bit/nf4 or fp4")
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (0 = any free port)")
     p.add_argument(
@@ -132,24 +155,6 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--metrics-host",
         help="address of /metrics, which has no authentication (default: the same as --host)",
-    )
-    p.add_argument("--kv-memory-gib", type=float, default=1.0, help="CPU: KV pool size in GiB")
-    p.add_argument(
-        "--kv-memory-fraction",
-        type=float,
-        default=0.9,
-        help="CUDA: share of free GPU memory for the KV pool",
-    )
-    p.add_argument("--num-kv-blocks", type=int, help="KV pool size in blocks (overrides memory)")
-    p.add_argument("--max-model-len", type=int, help="longest adapter + prompt + output")
-    p.add_argument("--max-num-seqs", type=int, default=64, help="requests running at once")
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per step")
-    p.add_argument(
-        "--long-prefill-token-threshold",
-        type=int,
-        default=512,
-        help="largest prompt or adapter-prefix chunk of one request per step, so that long "
-        "prompts do not hold up other requests (0 = the whole budget; default %(default)s)",
     )
     p.add_argument(
         "--max-waiting",

@@ -1,33 +1,48 @@
-"""Engine configuration: one dataclass per concern, validated with errors that name the value."""
+"""Engine configuration: one dataclass per concern, validated with errors that name the value.
+
+These dataclasses are the one source of every engine option: ``LLM(**options)`` and
+``EngineConfig.from_kwargs(**options)`` accept their fields by name, and ``prefixserve serve``
+generates one flag per field, its help text from the field's docstring (:func:`engine_options`).
+The module imports nothing heavy, so the command line builds its flags without loading torch.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import ast
+import inspect
+from dataclasses import MISSING, dataclass, field, fields
+from functools import cache
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
+DTYPES: dict[str, str] = {
+    "float32": "float32",
+    "fp32": "float32",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
 }
+"""User-facing dtype names and the torch dtype each one means."""
 QUANTIZATIONS = ("none", "8bit", "4bit", "nf4", "fp4")
+ATTENTION_BACKENDS = ("torch", "triton")
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     """Map a user-facing dtype name (or a torch dtype) to a torch dtype."""
+    import torch
+
     if isinstance(dtype, torch.dtype):
-        if dtype not in DTYPES.values():
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"dtype must be one of float32, float16, bfloat16, got {dtype}")
         return dtype
     if dtype == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
     try:
-        return DTYPES[dtype]
+        return getattr(torch, DTYPES[dtype])
     except KeyError:
         raise ValueError(
             f"dtype must be one of 'auto', {', '.join(repr(k) for k in DTYPES)}, got {dtype!r}"
@@ -64,6 +79,8 @@ class ModelConfig:
 
     @property
     def torch_device(self) -> torch.device:
+        import torch
+
         if self.device is None:
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
@@ -124,7 +141,77 @@ class EngineConfig:
     """'torch' or 'triton'; None = $PREFIXSERVE_ATTENTION, else triton on CUDA, torch on CPU."""
 
     def __post_init__(self) -> None:
-        if self.attention_backend not in (None, "torch", "triton"):
+        if self.attention_backend not in (None, *ATTENTION_BACKENDS):
             raise ValueError(
-                f"attention_backend must be 'torch' or 'triton', got {self.attention_backend!r}"
+                f"attention_backend must be one of {ATTENTION_BACKENDS}, "
+                f"got {self.attention_backend!r}"
             )
+
+    @classmethod
+    def from_kwargs(cls, **options: Any) -> EngineConfig:
+        """An engine config from options named as the fields of the section dataclasses
+        (``block_size=32, max_num_seqs=8, ...``); unknown names raise ``TypeError``."""
+        unknown = sorted(set(options) - {o.name for o in engine_options()})
+        if unknown:
+            valid = ", ".join(o.name for o in engine_options())
+            raise TypeError(f"unknown engine options {unknown}; the options are: {valid}")
+        sections = {
+            name: section(**{f.name: options[f.name] for f in fields(section) if f.name in options})
+            for name, section in SECTIONS.items()
+        }
+        own = {k: v for k, v in options.items() if k in _own_fields()}
+        return cls(**sections, **own)
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "cache": CacheConfig,
+    "scheduler": SchedulerConfig,
+}
+"""The fields of :class:`EngineConfig` that are sections (the rest are options themselves)."""
+
+
+@dataclass(frozen=True, slots=True)
+class EngineOption:
+    """One engine option: a field of a config dataclass, with its docstring as help."""
+
+    name: str
+    annotation: str
+    """The field's type as written (``int | None``, ``float``, ...)."""
+    default: Any
+    help: str
+
+
+def _own_fields() -> set[str]:
+    return {f.name for f in fields(EngineConfig)} - SECTIONS.keys()
+
+
+@cache
+def engine_options() -> tuple[EngineOption, ...]:
+    """Every engine option, in declaration order, with its default and docstring."""
+    options = []
+    for cls in (*SECTIONS.values(), EngineConfig):
+        docs = _field_docstrings(cls)
+        for f in fields(cls):
+            if cls is EngineConfig and f.name in SECTIONS:
+                continue
+            default = f.default if f.default is not MISSING else None
+            options.append(EngineOption(f.name, str(f.type), default, docs.get(f.name, "")))
+    return tuple(options)
+
+
+def _field_docstrings(cls: type) -> dict[str, str]:
+    """``{field: docstring}`` from the string literal under each field in ``cls``'s source."""
+    body = ast.parse(inspect.getsource(cls)).body[0]
+    assert isinstance(body, ast.ClassDef)
+    docs: dict[str, str] = {}
+    for node, after in zip(body.body, body.body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs

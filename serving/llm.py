@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from .config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from .config import EngineConfig
 from .engine import LLMEngine, Prompt
 from .prefix_store import AdapterInfo
 from .request import RequestOutput
@@ -25,32 +25,13 @@ class LLM:
     Hugging Face directory or a name transformers can load from its cache.
     """
 
-    def __init__(
-        self,
-        model: str | None = None,
-        *,
-        dtype: str | torch.dtype = "auto",
-        quantization: str = "none",
-        device: str | None = None,
-        max_model_len: int | None = None,
-        num_kv_blocks: int | None = None,
-        block_size: int = 16,
-        cpu_kv_memory_gib: float = 1.0,
-        kv_memory_fraction: float = 0.9,
-        max_num_seqs: int = 64,
-        max_num_batched_tokens: int = 2048,
-        long_prefill_token_threshold: int | None = None,
-        attention_backend: str | None = None,
-    ) -> None:
-        config = EngineConfig(
-            model=ModelConfig(model, dtype, quantization, device, max_model_len),
-            cache=CacheConfig(block_size, num_kv_blocks, kv_memory_fraction, cpu_kv_memory_gib),
-            scheduler=SchedulerConfig(
-                max_num_batched_tokens, max_num_seqs, long_prefill_token_threshold
-            ),
-            attention_backend=attention_backend,
-        )
-        self.engine = LLMEngine(config)
+    def __init__(self, model: str | None = None, **options: Any) -> None:
+        """``options``: any field of the engine's config dataclasses by name (see
+        ``prefixserve.config`` or ``prefixserve serve --help``): ``dtype``, ``quantization``,
+        ``device``, ``max_model_len``, ``block_size``, ``num_kv_blocks``, ``cpu_kv_memory_gib``,
+        ``kv_memory_fraction``, ``max_num_batched_tokens``, ``max_num_seqs``,
+        ``long_prefill_token_threshold``, ``attention_backend``."""
+        self.engine = LLMEngine(EngineConfig.from_kwargs(model=model, **options))
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:

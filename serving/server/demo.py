@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 
 from ..client import AsyncClient
-from ..config import EngineConfig, ModelConfig
+from ..config import EngineConfig
 from .app import BackgroundServer, ServerConfig
 from .tenants import ApiKeys
 
@@ -161,7 +161,8 @@ def run_demo(model: str | None, dtype: str, max_new_tokens: int, adapters_dir: P
     api_keys = ApiKeys.parse(
         f"acme {keys['acme']}\nglobex {keys['globex']}\nops {keys['ops']} admin", "demo keys"
     )
-    config = ServerConfig(EngineConfig(model=ModelConfig(model, dtype)), port=0, api_keys=api_keys)
+    engine = EngineConfig.from_kwargs(model=model, dtype=dtype)
+    config = ServerConfig(engine, port=0, api_keys=api_keys)
     _say(
         "prefixserve demo: starting a gRPC server on a free local port and loading the model "
         "(the embedded SmolLM2-135M-Instruct unless --model)..."
