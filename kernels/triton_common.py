@@ -22,26 +22,9 @@ import triton
 import triton.language as tl
 
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET") == "1"
-"""True when the kernels were defined under the Triton CPU interpreter (read once, at import)."""
-
-
-def _interpret_triton_stdlib() -> None:
-    """Make ``tl.cdiv``, ``tl.max``, ``tl.sum``... interpretable when Triton was imported before
-    ``TRITON_INTERPRET=1`` was set (transformers imports it through ``torch._dynamo``): those
-    helpers were then built as compiled ``JITFunction``s, which refuse to run in the interpreter."""
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
-
-    wrapped: dict[int, InterpretedFunction] = {}
-    for module in (tl, tl.standard, tl.math, tl.core):
-        for name, value in list(vars(module).items()):
-            if isinstance(value, JITFunction):
-                fn = wrapped.setdefault(id(value), InterpretedFunction(value.fn))
-                setattr(module, name, fn)
-
-
-if INTERPRET:
-    _interpret_triton_stdlib()
+"""True when the kernels run under the Triton CPU interpreter. The application (or a test suite)
+sets ``TRITON_INTERPRET=1`` in the environment before Triton is first imported; this library
+never sets it."""
 
 LOG2E = math.log2(math.e)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -74,8 +57,8 @@ def check_launchable(device: torch.device) -> None:
     """Raise a clear error where a Triton launch could only fail with '0 active drivers'."""
     if not INTERPRET and device.type != "cuda":
         raise RuntimeError(
-            f"Triton kernels need CUDA tensors (got {device}); on CPU set TRITON_INTERPRET=1 "
-            "before importing prefixserve.kernels.triton_* modules"
+            f"Triton kernels need CUDA tensors (got {device}); on a CPU they run only under the "
+            "Triton interpreter: set TRITON_INTERPRET=1 in the environment before starting"
         )
 
 

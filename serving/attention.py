@@ -85,25 +85,32 @@ class TorchBackend:
 
 
 def select_backend(requested: str | None, device: torch.device) -> AttentionBackend:
-    """``requested`` or $PREFIXSERVE_ATTENTION, else Triton on CUDA and the reference on CPU.
-    Triton on CPU runs under the Triton interpreter (switched on here; slow, for tests)."""
-    name = (
-        requested
-        or os.environ.get("PREFIXSERVE_ATTENTION")
-        or ("triton" if device.type == "cuda" else "torch")
-    )
+    """``requested`` or $PREFIXSERVE_ATTENTION, else Triton on CUDA and on CPU the native op
+    (``cpu``; the PyTorch reference, with one warning, where it cannot be built). Triton on CPU
+    runs only under the Triton interpreter (slow; for tests), which the user turns on with
+    ``TRITON_INTERPRET=1`` before starting."""
+    name = requested or os.environ.get("PREFIXSERVE_ATTENTION")
+    if name is None and device.type == "cuda":
+        name = "triton"
+    if name is None or name == "cpu":
+        if device.type != "cpu":
+            raise ValueError(f"the 'cpu' attention backend runs on the CPU, not on {device}")
+        from .cpu_backend import NativeCPUBackend, native_or_reference
+
+        return native_or_reference() if name is None else NativeCPUBackend()
     if name == "torch":
         return TorchBackend()
     if name == "triton":
-        if device.type == "cpu" and torch.cuda.is_available():
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(
-                "the Triton backend runs on CUDA tensors (or, on a machine without a GPU, under "
-                "the Triton interpreter); use device='cuda' or the 'torch' backend"
+                "the Triton backend runs on CUDA devices; on a CPU it runs only under the Triton "
+                "interpreter (slow, for tests): set TRITON_INTERPRET=1 in the environment before "
+                "starting, or use the 'torch' backend"
             )
         from .triton_backend import TritonBackend
 
         return TritonBackend()
-    raise ValueError(f"PREFIXSERVE_ATTENTION must be 'torch' or 'triton', got {name!r}")
+    raise ValueError(f"PREFIXSERVE_ATTENTION must be 'cpu', 'torch' or 'triton', got {name!r}")
 
 
 @dataclass(slots=True)

@@ -3,13 +3,7 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
-
-if not torch.cuda.is_available():
-    # No GPU: run the real kernels under the Triton interpreter (read when they are defined).
-    os.environ["TRITON_INTERPRET"] = "1"
 
 from .kernels import triton_attention as kernels
 from .kernels.metadata import AttentionMetadata

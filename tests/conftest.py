@@ -1,11 +1,20 @@
-"""Shared fixtures: tiny random-weight models of each tested architecture, and the default model."""
+"""Shared fixtures: tiny random-weight models of each tested architecture, and the default model.
+
+Without a GPU the Triton kernels run under the Triton interpreter, which Triton reads when it is
+first imported: the suite (not the library) switches it on here, before anything imports Triton.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 

@@ -3,11 +3,16 @@ PEFT, with adapters of several kinds mixed in one batch, chunked prefill and dec
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from prefixserve import LLM, SamplingParams
+from prefixserve.attention import select_backend
 from prefixserve.triton_backend import TritonBackend
 
 from hf_reference import hf_greedy
@@ -53,3 +58,19 @@ def test_triton_backend_mixed_adapters_equal_references(
     for (name, i), out in zip(batch, outputs):
         assert out.token_ids == expected[name][i], (name, i)
     assert llm.engine.allocator.num_used == llm.engine.prefixes.resident_blocks
+
+
+def test_library_never_switches_the_interpreter_on(monkeypatch):
+    """Only the user (or this suite's conftest) turns the Triton interpreter on: importing the
+    backend leaves the environment alone, and asking for Triton on a CPU without it says how."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = (
+        "import os, prefixserve.triton_backend, prefixserve.kernels.triton_attention; "
+        "print(os.environ.get('TRITON_INTERPRET'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "None"
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        select_backend("triton", torch.device("cpu"))
