@@ -29,7 +29,8 @@ class AttentionMetadata:
     block_tables: torch.Tensor
     """(B, max_blocks) int32: each request's own blocks, in order; padding is 0 and never read."""
     slot_mapping: torch.Tensor
-    """(T,) int64: the slot each new token's K/V is written to."""
+    """(T,) int64: the slot each new token's K/V is written to; -1 marks a padded token, whose
+    K/V every backend's write skips."""
     prefix_index: torch.Tensor
     """(B,) int32: row of the prefix tables each request reads, -1 for no prefix."""
     prefix_lens: torch.Tensor

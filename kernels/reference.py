@@ -29,7 +29,11 @@ def write_kv(
     slot_mapping: torch.Tensor,
 ) -> None:
     """Scatter this step's ``key, value [T, Hkv, D]`` into ``k_cache, v_cache
-    [num_blocks, block_size, Hkv, D]`` at ``slot_mapping [T]`` (int64 slots)."""
+    [num_blocks, block_size, Hkv, D]`` at ``slot_mapping [T]`` (int64 slots; a negative slot is
+    padding and writes nothing, as in every backend)."""
+    real = slot_mapping >= 0
+    if not bool(real.all()):
+        key, value, slot_mapping = key[real], value[real], slot_mapping[real]
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value.to(v_cache.dtype))

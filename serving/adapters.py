@@ -265,7 +265,3 @@ def text_adapter(name: str, token_ids: list[int], max_tokens: int) -> Adapter:
     if len(token_ids) > max_tokens:
         raise _fail(name, f"the text prefix has {len(token_ids)} tokens; at most {max_tokens} fit")
     return Adapter(name, AdapterKind.TEXT, len(token_ids), token_ids=list(token_ids), source="text")
-
-
-def blocks_for(num_tokens: int, block_size: int) -> int:
-    return math.ceil(num_tokens / block_size)

@@ -14,10 +14,10 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .adapters import Adapter, blocks_for, load_peft_adapter, text_adapter
+from .adapters import Adapter, load_peft_adapter, text_adapter
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
-from .kv_cache import BlockAllocator
+from .kv_cache import BlockAllocator, blocks_for
 from .model_loader import load_model
 from .model_runner import ModelRunner
 from .prefix_store import AdapterInfo, PrefixStore

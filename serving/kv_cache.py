@@ -1,8 +1,8 @@
 """The paged KV pool: block tensors for every layer and a block allocator.
 
 A block is owned either by one request (its own tokens) or by an adapter's prefix (read by every
-request of that adapter through the prefix table, never copied). The allocator counts owners so
-that a double free or a read of a freed block is caught where it happens.
+request of that adapter through the prefix table, never copied), never by both: prefixes are
+shared by reference to the prefix, not by counting a block's owners.
 """
 
 from __future__ import annotations
@@ -13,13 +13,19 @@ from dataclasses import dataclass
 import torch
 
 
+def blocks_for(num_tokens: int, block_size: int) -> int:
+    """Blocks that ``num_tokens`` tokens occupy."""
+    return -(-num_tokens // block_size)
+
+
 class BlockAllocator:
-    """Hands out block ids of a pool of ``num_blocks`` and counts their owners."""
+    """Hands out block ids of a pool of ``num_blocks``; each block has one owner (a request or
+    a prefix) until it is freed, and a double free is caught where it happens."""
 
     def __init__(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
         self._free: deque[int] = deque(range(num_blocks))
-        self._refs = [0] * num_blocks
+        self._in_use = [False] * num_blocks
 
     @property
     def num_free(self) -> int:
@@ -30,24 +36,23 @@ class BlockAllocator:
         return self.num_blocks - len(self._free)
 
     def allocate(self, n: int) -> list[int] | None:
-        """Take ``n`` free blocks (each with one owner), or ``None`` if fewer are free."""
+        """Take ``n`` free blocks, or ``None`` if fewer are free."""
         if n > len(self._free):
             return None
         blocks = [self._free.popleft() for _ in range(n)]
         for b in blocks:
-            self._refs[b] = 1
+            self._in_use[b] = True
         return blocks
 
     def free(self, blocks: list[int]) -> None:
-        """Drop one owner from each of ``blocks``; a block with no owner left becomes free."""
+        """Give ``blocks`` back to the pool."""
         for b in blocks:
-            assert self._refs[b] > 0, f"block {b} freed twice"
-            self._refs[b] -= 1
-            if self._refs[b] == 0:
-                self._free.append(b)
+            assert self._in_use[b], f"block {b} freed twice"
+            self._in_use[b] = False
+            self._free.append(b)
 
-    def ref_count(self, block: int) -> int:
-        return self._refs[block]
+    def in_use(self, block: int) -> bool:
+        return self._in_use[block]
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,9 +17,8 @@ from .adapters import (
     AdapterError,
     AdapterNameTakenError,
     AdapterNotFoundError,
-    blocks_for,
 )
-from .kv_cache import BlockAllocator
+from .kv_cache import BlockAllocator, blocks_for
 from .text import shorten
 
 

@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from .config import SchedulerConfig
-from .kv_cache import BlockAllocator
+from .kv_cache import BlockAllocator, blocks_for
 from .prefix_store import Prefix, PrefixStore
 from .request import FinishReason, Request, RequestStatus
 from .sampler import TokenLogprobs
@@ -241,7 +241,7 @@ class Scheduler:
     def _allocate(self, request: Request, num_new_tokens: int) -> bool:
         """Give ``request`` the blocks its next ``num_new_tokens`` tokens need."""
         total = request.num_computed_tokens + num_new_tokens
-        needed = -(-total // self.block_size) - len(request.block_ids)
+        needed = blocks_for(total, self.block_size) - len(request.block_ids)
         if needed <= 0:
             return True
         if not self.prefix_store.make_room(needed):

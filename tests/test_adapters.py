@@ -81,7 +81,7 @@ def test_concurrent_requests_share_one_prefix(setup, n):
     others = engine.prefixes.resident_blocks - len(prefix.block_ids)
     assert len(prefix.block_ids) == 3  # 9 tokens in blocks of 4, once
     assert engine.allocator.num_used == own + len(prefix.block_ids) + others
-    assert prefix.users == n and all(engine.allocator.ref_count(b) == 1 for b in prefix.block_ids)
+    assert prefix.users == n and all(engine.allocator.in_use(b) for b in prefix.block_ids)
     while engine.has_unfinished_requests():
         engine.step()
     assert prefix.users == 0 and prefix.requests == 0
