@@ -8,6 +8,11 @@ from dataclasses import dataclass
 from .text import shorten
 
 MAX_LOGPROBS = 20
+MAX_STOP_STRINGS = 64
+"""Stop strings are searched after every token on the engine's thread: a bounded list keeps one
+request from slowing every step."""
+MAX_STOP_LENGTH = 512
+MAX_STOP_TOKEN_IDS = 256
 """Largest number of top alternatives a request may ask for per generated token."""
 
 _SEED_RANGE = (-(2**63), 2**64 - 1)
@@ -111,7 +116,13 @@ def _normalize_stop(stop: object) -> list[str]:
     items = [stop] if isinstance(stop, str) else stop
     if not isinstance(items, list | tuple):
         raise ValueError(f"stop must be a string or a list of strings, got {shorten(stop)}")
+    if len(items) > MAX_STOP_STRINGS:
+        raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(items)}")
     for i, s in enumerate(items):
+        if isinstance(s, str) and len(s) > MAX_STOP_LENGTH:
+            raise ValueError(
+                f"stop strings must be at most {MAX_STOP_LENGTH} characters, stop[{i}] has {len(s)}"
+            )
         if not isinstance(s, str) or not s:
             raise ValueError(
                 f"stop strings must be non-empty strings, got stop[{i}] = {shorten(s)} in "
@@ -125,6 +136,8 @@ def _normalize_stop_token_ids(ids: object) -> list[int]:
         return []
     if not isinstance(ids, list | tuple):
         raise ValueError(f"stop_token_ids must be a list of ints, got {shorten(ids)}")
+    if len(ids) > MAX_STOP_TOKEN_IDS:
+        raise ValueError(f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids, got {len(ids)}")
     for i, token in enumerate(ids):
         if not _is_int(token) or token < 0:
             raise ValueError(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import grpc
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -13,9 +14,12 @@ from transformers import AutoModelForCausalLM
 
 from prefixserve import LLM, SamplingParams
 from prefixserve.adapters import AdapterError
+from prefixserve.client import Client
+from prefixserve.server import BackgroundServer
 
 from hf_reference import hf_greedy
 from peft_reference import peft_greedy
+from test_server import KEYS, server_config
 
 PROMPTS = [[5, 9, 33, 7], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21], [100, 101], [40] * 23]
 
@@ -79,3 +83,21 @@ def test_adapters_beyond_what_attention_can_hold_are_refused(
     llm.load_adapter("under", _scaled_copy(src, tmp_path / "under", 0.5 * limit / peak))
     config = json.loads((src / "adapter_config.json").read_text())
     assert config["peft_type"] == kind.upper()
+
+
+def test_the_crafted_adapter_is_refused_over_the_server(
+    model_dir, peft_adapter_dir, tmp_path, tiny_model_dir
+):
+    """The hostile tenant's upload (prefix-tuning keys of 3e38: finite, so a NaN/inf check lets
+    them through) answers INVALID_ARGUMENT naming the limit, and leaves nothing behind."""
+    src = peft_adapter_dir(model_dir, "prefix_tuning", 5)
+    peak = float(load_file(src / "adapter_model.safetensors")["prompt_embeddings"].abs().max())
+    crafted = _scaled_copy(src, tmp_path / "crafted", 3e38 / peak)
+    config = server_config(model_dir, tmp_path / "registry")
+    with BackgroundServer(config) as running, Client(running.address, KEYS["acme"]) as acme:
+        with pytest.raises(grpc.RpcError) as refused:
+            acme.load_adapter("evil", upload=crafted)
+        assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert "without overflow" in (refused.value.details() or "")
+        assert acme.list_adapters() == []
+        assert acme.generate([5, 6], max_new_tokens=2).token_ids  # and it keeps serving

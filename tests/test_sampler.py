@@ -280,3 +280,15 @@ def test_params_normalized() -> None:
     assert SamplingParams().stop == [] and SamplingParams().stop_token_ids == []
     assert SamplingParams().greedy and SamplingParams(temperature=0.5, top_k=1).greedy
     assert not SamplingParams(temperature=0.5).greedy
+
+
+def test_stop_lists_are_bounded():
+    """Stop strings are searched after every token on the engine's thread: one request may not
+    bring thousands of them (or megabyte-long ones) into every step."""
+    with pytest.raises(ValueError, match="at most 64 stop strings, got 65"):
+        SamplingParams(stop=[f"s{i}" for i in range(65)])
+    with pytest.raises(ValueError, match="at most 512 characters, stop\\[1\\] has 513"):
+        SamplingParams(stop=["ok", "x" * 513])
+    with pytest.raises(ValueError, match="at most 256 stop_token_ids"):
+        SamplingParams(stop_token_ids=list(range(257)))
+    assert len(SamplingParams(stop=[f"s{i}" for i in range(64)]).stop) == 64

@@ -326,7 +326,8 @@ def test_user_input_is_quoted_short(server, channel):
             (lambda: acme.generate("hi", "n" * 8192), "(8192 chars)"),
             (lambda: acme.load_adapter("n" * 8192, text="hi"), "(8192 chars)"),
             (lambda: acme.generate([{"role": "r" * 8192, "content": "hi"}]), "(8192 chars)"),
-            (lambda: acme.generate("hi", stop=["a"] * 200_000 + [""]), "stop[200000] = ''"),
+            (lambda: acme.generate("hi", stop=["a"] * 60 + [""]), "stop[60] = ''"),
+            (lambda: acme.generate("hi", stop=["a"] * 200_000), "at most 64 stop strings"),
         ]:
             with pytest.raises(grpc.RpcError) as info:
                 call()
