@@ -28,7 +28,7 @@ DTYPES: dict[str, str] = {
 }
 """User-facing dtype names and the torch dtype each one means."""
 QUANTIZATIONS = ("none", "8bit", "4bit", "nf4", "fp4")
-ATTENTION_BACKENDS = ("torch", "triton")
+ATTENTION_BACKENDS = ("cpu", "torch", "triton")
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -114,9 +114,11 @@ class SchedulerConfig:
     """Token budget of one step (decode tokens + prefill chunks)."""
     max_num_seqs: int = 64
     """Most requests running at once."""
-    long_prefill_token_threshold: int | None = 512
+    long_prefill_token_threshold: int | None = 128
     """Largest prefill chunk of one request (or adapter prefix) per step, so that a long prompt
-    does not hold up the requests around it; None = as much as the budget allows."""
+    does not hold up the requests around it: smaller answers other tenants sooner, larger
+    prefills long prompts faster (benchmarks/bench_fairness.py); None = as much as the budget
+    allows."""
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1:
@@ -138,7 +140,8 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     attention_backend: str | None = None
-    """'torch' or 'triton'; None = $PREFIXSERVE_ATTENTION, else triton on CUDA, torch on CPU."""
+    """'cpu' (the native op), 'torch' (the PyTorch reference) or 'triton'; None =
+    $PREFIXSERVE_ATTENTION, else triton on CUDA and cpu on CPU (torch where it cannot build)."""
 
     def __post_init__(self) -> None:
         if self.attention_backend not in (None, *ATTENTION_BACKENDS):

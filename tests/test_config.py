@@ -33,7 +33,7 @@ def test_every_option_has_a_docstring_and_its_dataclass_default():
     assert names == [*fields, "attention_backend"]
     for option in engine_options():
         assert option.help, f"{option.name} has no docstring"
-    assert {o.name: o.default for o in engine_options()}["long_prefill_token_threshold"] == 512
+    assert {o.name: o.default for o in engine_options()}["long_prefill_token_threshold"] == 128
 
 
 def test_serve_flags_are_generated_from_the_options():
