@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo serve protos test lint format bench bench-grpc bench-soak clean
+.PHONY: setup demo serve protos test lint format bench bench-shared bench-grpc bench-soak clean
 
 # Installing (editable) also generates the gRPC stubs from protos/ into serving/_proto/ (setup.py).
 $(STAMP): pyproject.toml constraints.txt setup.py $(wildcard protos/prefixserve/v1/*.proto)
@@ -47,6 +47,9 @@ format: setup
 
 bench: setup
 	$(PY) benchmarks/bench_offline.py
+
+bench-shared: setup
+	$(PY) benchmarks/bench_shared_prompt.py
 
 bench-grpc: setup
 	$(PY) benchmarks/bench_grpc.py

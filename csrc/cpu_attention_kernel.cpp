@@ -1,0 +1,502 @@
+// The CPU attention kernel, compiled once per instruction set: kernels/cpu_build.py builds this
+// file with -DPREFIXSERVE_ISA=<name> -DCPU_CAPABILITY=<...> and that ISA's -m flags, so
+// at::vec::Vectorized<float> is 8 lanes of plain x86-64 code, AVX2 or 16 lanes of AVX-512.
+//
+// Work comes as tiles (planned once per step by prefixserve.kernels.cpu_plan), each run for
+// every kv head h:
+//   * prefix tile: the queries of several requests that share one adapter prefix, times the
+//     query heads of h, against the prefix keys (all visible); it leaves its partial softmax
+//     state (running max, sum and unnormalized output) per (token, head) in `state`;
+//   * query tile: up to 32 queries of one request, times the query heads of h, against its
+//     prefix (unless a prefix tile did that: it then continues from that state, which is the
+//     log-sum-exp merge of the two partial results) and its own keys (causal).
+// Keys and values are read where they lie in the paged pool; only the keys a request may see
+// are ever loaded (never a padded block-table entry, never past a prefix or own length).
+//
+// Layout: a tile keeps its rows (token x head pairs) as the fast dimension of every buffer, so
+// each vector instruction serves kLanes rows: S^T = K Q^T is a broadcast of one key element
+// times a vector of rows, the softmax runs across rows, and O^T += V^T P^T likewise.
+//
+// Reference: prefixserve.kernels.reference.paged_prefix_attention.
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <atomic>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "cpu_attention.h"
+
+#ifndef PREFIXSERVE_ISA
+#error "compile once per instruction set with -DPREFIXSERVE_ISA=<name> (kernels/cpu_build.py)"
+#endif
+
+namespace prefixserve::cpu::PREFIXSERVE_ISA {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kLanes = Vec::size();
+constexpr int64_t kChunk = 32;  ///< keys per online-softmax step
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kAllVisible = std::numeric_limits<float>::infinity();
+constexpr int kToL2 = 2;             ///< __builtin_prefetch locality (prefetcht1)
+constexpr int64_t kTaskPrefetch = 128;  ///< keys of the next task prefetched ahead of it
+
+/// The working set of one tile. Rows are (query token, query head) pairs of one kv head,
+/// `group` consecutive rows per token, padded to whole vectors; row-minor layouts throughout.
+struct Tile {
+  int64_t rows;
+  int64_t padded;
+  int64_t min_limit;  ///< smallest causal limit of a real row
+  float* q;           ///< [D][padded] queries times the softmax scale
+  float* acc;         ///< [D][padded] unnormalized outputs
+  float* max;         ///< [padded] running maxima
+  float* sum;         ///< [padded] running denominators
+  float* alpha;       ///< [padded] rescale of the accumulators for the current chunk
+  float* limit;       ///< [padded] own keys each row may see (causal)
+  float* scores;      ///< [kChunk][padded] scores, then probabilities, of the current chunk
+  float* stage;       ///< [2][kChunk][D] fp32 copies of a chunk's K, V rows (16-bit caches)
+  int32_t* tokens;    ///< query token of each group of `group` rows
+};
+
+/// Per-thread scratch, sized once per call for the largest tile.
+class Scratch {
+ public:
+  Scratch(int64_t max_rows, int64_t dim)
+      : dim_(dim),
+        floats_(static_cast<size_t>(
+            (2 * dim + kChunk + 4) * padded(max_rows) + 2 * kChunk * dim)),
+        tokens_(static_cast<size_t>(padded(max_rows))) {}
+
+  static int64_t padded(int64_t rows) { return (rows + kLanes - 1) / kLanes * kLanes; }
+
+  Tile tile(int64_t rows) {
+    const int64_t p = padded(rows);
+    float* f = floats_.data();
+    Tile t;
+    t.rows = rows;
+    t.padded = p;
+    t.min_limit = 0;
+    t.q = f;
+    t.acc = t.q + dim_ * p;
+    t.max = t.acc + dim_ * p;
+    t.sum = t.max + p;
+    t.alpha = t.sum + p;
+    t.limit = t.alpha + p;
+    t.scores = t.limit + p;
+    t.stage = t.scores + kChunk * p;
+    t.tokens = tokens_.data();
+    return t;
+  }
+
+ private:
+  int64_t dim_;
+  std::vector<float> floats_;
+  std::vector<int32_t> tokens_;
+};
+
+/// Runs tasks 0..n-1 on the intra-op threads. Each thread takes the next index as it finishes a
+/// task (tiles are planned longest first) and claims its following task one ahead, so that
+/// `prefetch(following)` can bring that task's first keys towards the core meanwhile.
+template <typename Prefetch, typename Run>
+void for_each_task(int64_t n, int64_t max_rows, int64_t dim, const Prefetch& prefetch,
+                   const Run& run) {
+  std::atomic<int64_t> next{0};
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    Scratch scratch(max_rows, dim);
+    for (int64_t i = next++; i < n;) {
+      const int64_t following = next++;
+      if (following < n) prefetch(following);
+      run(i, scratch);
+      i = following;
+    }
+  });
+}
+
+template <typename T>
+void to_float(const T* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  if constexpr (!std::is_same_v<T, float>) {
+    using VecT = at::vec::Vectorized<T>;
+    for (; i + VecT::size() <= n; i += VecT::size()) {
+      auto [lo, hi] = at::vec::convert_to_float<T>(VecT::loadu(src + i));
+      lo.store(dst + i);
+      hi.store(dst + i + kLanes);
+    }
+  }
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+// ---- Micro-kernels: NK keys (or ND head dims) by NR vectors of rows, held in registers. ----
+// Eight accumulators keep both FMA pipes busy; callers guarantee dim >= 1 and n >= 1.
+
+/// scores[k][r] = sum_d keys[k][d] * q[d][r] for NK keys and NR * kLanes rows.
+template <int NK, int NR>
+inline void score_block(const float* const* keys, const float* q, int64_t stride, int64_t dim,
+                        float* scores) {
+  Vec acc[NK][NR];
+  for (int k = 0; k < NK; ++k)
+    for (int r = 0; r < NR; ++r) acc[k][r] = Vec(0.f);
+  int64_t d = 0;
+  do {
+    Vec qv[NR];
+    for (int r = 0; r < NR; ++r) qv[r] = Vec::loadu(q + d * stride + r * kLanes);
+    for (int k = 0; k < NK; ++k) {
+      const Vec kd(keys[k][d]);
+      for (int r = 0; r < NR; ++r) acc[k][r] = at::vec::fmadd(kd, qv[r], acc[k][r]);
+    }
+  } while (++d < dim);
+  for (int k = 0; k < NK; ++k)
+    for (int r = 0; r < NR; ++r) acc[k][r].store(scores + k * stride + r * kLanes);
+}
+
+/// acc[d][r] = alpha[r] * acc[d][r] + sum_j values[j][d0 + d] * probs[j][r], ND dims by NR
+/// vectors of rows.
+template <int ND, int NR>
+inline void value_block(const float* const* values, int64_t n, const float* probs,
+                        const float* alpha, int64_t stride, int64_t d0, float* acc) {
+  Vec out[ND][NR];
+  for (int r = 0; r < NR; ++r) {
+    const Vec a = Vec::loadu(alpha + r * kLanes);
+    for (int d = 0; d < ND; ++d) out[d][r] = Vec::loadu(acc + d * stride + r * kLanes) * a;
+  }
+  int64_t j = 0;
+  do {
+    Vec p[NR];
+    for (int r = 0; r < NR; ++r) p[r] = Vec::loadu(probs + j * stride + r * kLanes);
+    for (int d = 0; d < ND; ++d) {
+      const Vec vd(values[j][d0 + d]);
+      for (int r = 0; r < NR; ++r) out[d][r] = at::vec::fmadd(vd, p[r], out[d][r]);
+    }
+  } while (++j < n);
+  for (int d = 0; d < ND; ++d)
+    for (int r = 0; r < NR; ++r) out[d][r].store(acc + d * stride + r * kLanes);
+}
+
+/// One strip of NR vectors of rows (starting at row r) against all n keys of the chunk: the
+/// strip's queries and the chunk's keys stay in L1 across the whole strip.
+template <int NK, int NR>
+void score_strip(const Tile& t, const float* const* keys, int64_t n, int64_t dim, int64_t r) {
+  int64_t j = 0;
+  for (; j + NK <= n; j += NK)
+    score_block<NK, NR>(keys + j, t.q + r, t.padded, dim, t.scores + j * t.padded + r);
+  for (; j < n; ++j)
+    score_block<1, NR>(keys + j, t.q + r, t.padded, dim, t.scores + j * t.padded + r);
+}
+
+/// S^T[j][r] = k_j . q_r for the chunk's n keys.
+void compute_scores(const Tile& t, const float* const* keys, int64_t n, int64_t dim) {
+  int64_t r = 0;
+  for (; r + 3 * kLanes <= t.padded; r += 3 * kLanes) score_strip<4, 3>(t, keys, n, dim, r);
+  for (; r < t.padded; r += kLanes) score_strip<8, 1>(t, keys, n, dim, r);
+}
+
+template <int ND, int NR>
+void value_strip(const Tile& t, const float* const* values, int64_t n, int64_t dim, int64_t r) {
+  const float* probs = t.scores + r;
+  const float* alpha = t.alpha + r;
+  int64_t d = 0;
+  for (; d + ND <= dim; d += ND)
+    value_block<ND, NR>(values, n, probs, alpha, t.padded, d, t.acc + d * t.padded + r);
+  for (; d < dim; ++d)
+    value_block<1, NR>(values, n, probs, alpha, t.padded, d, t.acc + d * t.padded + r);
+}
+
+/// O^T = alpha * O^T + V^T P^T for the chunk's n values.
+void accumulate_values(const Tile& t, const float* const* values, int64_t n, int64_t dim) {
+  int64_t r = 0;
+  for (; r + 3 * kLanes <= t.padded; r += 3 * kLanes) value_strip<4, 3>(t, values, n, dim, r);
+  for (; r < t.padded; r += kLanes) value_strip<8, 1>(t, values, n, dim, r);
+}
+
+/// Scores of own keys first..first+n-1 beyond a row's causal limit become -inf. A select, not
+/// a multiplication: whatever a score holds, the masked probability is exactly 0.
+void mask_causal(const Tile& t, int64_t first, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    const Vec key(static_cast<float>(first + j));
+    float* s = t.scores + j * t.padded;
+    for (int64_t r = 0; r < t.padded; r += kLanes) {
+      const Vec hidden = key >= Vec::loadu(t.limit + r);
+      Vec::blendv(Vec::loadu(s + r), Vec(kNegInf), hidden).store(s + r);
+    }
+  }
+}
+
+/// One online-softmax step across rows: new maxima, scores -> probabilities, sums, and the
+/// factor alpha = exp(old max - new max) that rescales the accumulators.
+void softmax_step(const Tile& t, int64_t n) {
+  for (int64_t r = 0; r < t.padded; r += kLanes) {
+    const Vec old_max = Vec::loadu(t.max + r);
+    Vec m = old_max;
+    for (int64_t j = 0; j < n; ++j) m = at::vec::maximum(m, Vec::loadu(t.scores + j * t.padded + r));
+    // A row that has seen no visible key yet keeps -inf; subtracting 0 keeps its exp at 0.
+    const Vec base = Vec::blendv(m, Vec(0.f), m == Vec(kNegInf));
+    Vec sum(0.f);
+    for (int64_t j = 0; j < n; ++j) {
+      float* s = t.scores + j * t.padded + r;
+      const Vec p = (Vec::loadu(s) - base).exp_u20();
+      p.store(s);
+      sum = sum + p;
+    }
+    const Vec alpha = (old_max - base).exp_u20();
+    at::vec::fmadd(Vec::loadu(t.sum + r), alpha, sum).store(t.sum + r);
+    m.store(t.max + r);
+    alpha.store(t.alpha + r);
+  }
+}
+
+template <typename T>
+class Attention {
+ public:
+  explicit Attention(const AttentionArgs& a)
+      : a_(a),
+        group_(a.num_q_heads / a.num_kv_heads),
+        dim_(a.head_dim),
+        token_stride_(a.num_kv_heads * a.head_dim),
+        block_stride_(a.block_size * a.num_kv_heads * a.head_dim),
+        k_(static_cast<const T*>(a.k_cache)),
+        v_(static_cast<const T*>(a.v_cache)) {}
+
+  void run() const {
+    const int64_t heads = a_.num_kv_heads;
+    const int64_t rows = a_.max_tile_tokens * group_;
+    for_each_task(
+        a_.num_prefix_tiles * heads, rows, dim_,
+        [&](int64_t i) { prefetch_prefix_tile(i / heads, i % heads); },
+        [&](int64_t i, Scratch& s) { prefix_tile(s, i / heads, i % heads); });
+    for_each_task(
+        a_.num_query_tiles * heads, rows, dim_,
+        [&](int64_t i) { prefetch_query_tile(i / heads, i % heads); },
+        [&](int64_t i, Scratch& s) { query_tile(s, i / heads, i % heads); });
+  }
+
+ private:
+  /// Queries of several requests against their shared prefix; leaves the partial state.
+  void prefix_tile(Scratch& scratch, int64_t index, int64_t kv_head) const {
+    const int32_t* tile = a_.prefix_tiles + index * kPrefixTileCols;
+    const int64_t prefix = tile[0], begin = tile[1], end = tile[2];
+    Tile t = scratch.tile((end - begin) * group_);
+    std::copy(a_.prefix_tokens + begin, a_.prefix_tokens + end, t.tokens);
+    std::fill(t.limit, t.limit + t.padded, kAllVisible);
+    load_queries(t, kv_head);
+    reset_state(t);
+    attend(t, prefix_table(prefix), a_.prefix_lens[prefix], kv_head, false);
+    store_state(t, kv_head);
+  }
+
+  /// Up to a tile of one request's queries against its prefix (or the group's state) and its
+  /// own keys, causally; writes the output.
+  void query_tile(Scratch& scratch, int64_t index, int64_t kv_head) const {
+    const int32_t* tile = a_.query_tiles + index * kQueryTileCols;
+    const int64_t request = tile[0], first = tile[1], count = tile[2];
+    const int64_t q_start = a_.cu_q_lens[request];
+    const int64_t q_len = a_.cu_q_lens[request + 1] - q_start;
+    // Own index of the tile's first query; query i sees own keys 0 .. first_own + i.
+    const int64_t first_own = a_.own_lens[request] - q_len + first;
+    Tile t = scratch.tile(count * group_);
+    t.min_limit = first_own + 1;
+    for (int64_t i = 0; i < count; ++i) t.tokens[i] = static_cast<int32_t>(q_start + first + i);
+    for (int64_t r = 0; r < t.padded; ++r)
+      t.limit[r] = r < t.rows ? static_cast<float>(first_own + r / group_ + 1) : kAllVisible;
+    load_queries(t, kv_head);
+    if (tile[3] == kGroupedPrefix) {
+      load_state(t, kv_head);
+    } else {
+      reset_state(t);
+    }
+    if (tile[3] == kReadPrefix) {
+      const int64_t prefix = a_.prefix_index[request];
+      attend(t, prefix_table(prefix), a_.prefix_lens[prefix], kv_head, false);
+    }
+    const int32_t* own_table = a_.block_tables + request * a_.block_table_stride;
+    attend(t, own_table, first_own + count, kv_head, true);
+    store_output(t, kv_head);
+  }
+
+  const int32_t* prefix_table(int64_t prefix) const {
+    return a_.prefix_block_tables + prefix * a_.prefix_table_stride;
+  }
+
+  /// Online softmax over keys 0..len-1 of the blocks in `table`, one chunk at a time; the
+  /// next chunk's rows are prefetched while this one is computed.
+  void attend(Tile& t, const int32_t* table, int64_t len, int64_t kv_head, bool causal) const {
+    int64_t offsets[2][kChunk];
+    const float* keys[kChunk];
+    const float* values[kChunk];
+    locate_rows(table, 0, std::min(kChunk, len), kv_head, offsets[0]);
+    for (int64_t first = 0, buf = 0; first < len; first += kChunk, buf ^= 1) {
+      const int64_t n = std::min(kChunk, len - first);
+      const int64_t next = std::min(kChunk, len - first - n);
+      if (next > 0) {
+        locate_rows(table, first + n, next, kv_head, offsets[buf ^ 1]);
+        prefetch_rows(offsets[buf ^ 1], next);
+      }
+      load_rows(t, offsets[buf], n, keys, values);
+      compute_scores(t, keys, n, dim_);
+      if (causal && first + n > t.min_limit) mask_causal(t, first, n);
+      softmax_step(t, n);
+      accumulate_values(t, values, n, dim_);
+    }
+  }
+
+  /// Pool offsets of the K/V rows of keys first..first+n-1 of `table` for `kv_head`. Reads only
+  /// the table entries that hold these keys.
+  void locate_rows(const int32_t* table, int64_t first, int64_t n, int64_t kv_head,
+                   int64_t* offsets) const {
+    int64_t block = first / a_.block_size;
+    int64_t offset = first % a_.block_size;
+    for (int64_t j = 0; j < n; ++j) {
+      offsets[j] = table[block] * block_stride_ + offset * token_stride_ + kv_head * dim_;
+      if (++offset == a_.block_size) {
+        offset = 0;
+        ++block;
+      }
+    }
+  }
+
+  /// Into L2: the current chunk and the strips' own data keep L1.
+  void prefetch_rows(const int64_t* offsets, int64_t n) const {
+    constexpr int64_t kLine = 64 / sizeof(T);
+    for (int64_t j = 0; j < n; ++j) {
+      for (int64_t d = 0; d < dim_; d += kLine) {
+        __builtin_prefetch(k_ + offsets[j] + d, 0, kToL2);
+        __builtin_prefetch(v_ + offsets[j] + d, 0, kToL2);
+      }
+    }
+  }
+
+  /// Prefetch the first kTaskPrefetch keys 0..len-1 of `table` (a decode's whole own part).
+  void prefetch_start(const int32_t* table, int64_t len, int64_t kv_head) const {
+    int64_t offsets[kChunk];
+    for (int64_t first = 0; first < std::min(len, kTaskPrefetch); first += kChunk) {
+      const int64_t n = std::min(kChunk, len - first);
+      locate_rows(table, first, n, kv_head, offsets);
+      prefetch_rows(offsets, n);
+    }
+  }
+
+  void prefetch_prefix_tile(int64_t index, int64_t kv_head) const {
+    const int64_t prefix = a_.prefix_tiles[index * kPrefixTileCols];
+    prefetch_start(prefix_table(prefix), a_.prefix_lens[prefix], kv_head);
+  }
+
+  void prefetch_query_tile(int64_t index, int64_t kv_head) const {
+    const int32_t* tile = a_.query_tiles + index * kQueryTileCols;
+    const int64_t request = tile[0];
+    if (tile[3] == kReadPrefix) {
+      const int64_t prefix = a_.prefix_index[request];
+      prefetch_start(prefix_table(prefix), a_.prefix_lens[prefix], kv_head);
+    }
+    prefetch_start(a_.block_tables + request * a_.block_table_stride, a_.own_lens[request],
+                   kv_head);
+  }
+
+  /// fp32 rows of the chunk: the pool itself for fp32 caches, the tile's stage (converted) for
+  /// 16-bit ones.
+  void load_rows(const Tile& t, const int64_t* offsets, int64_t n, const float** keys,
+                 const float** values) const {
+    for (int64_t j = 0; j < n; ++j) {
+      if constexpr (std::is_same_v<T, float>) {
+        keys[j] = k_ + offsets[j];
+        values[j] = v_ + offsets[j];
+      } else {
+        float* k_row = t.stage + j * dim_;
+        float* v_row = t.stage + (kChunk + j) * dim_;
+        to_float(k_ + offsets[j], k_row, dim_);
+        to_float(v_ + offsets[j], v_row, dim_);
+        keys[j] = k_row;
+        values[j] = v_row;
+      }
+    }
+  }
+
+  const T* query_row(int64_t row, const Tile& t, int64_t kv_head) const {
+    const int64_t token = t.tokens[row / group_], head = kv_head * group_ + row % group_;
+    return static_cast<const T*>(a_.query) + token * a_.query_token_stride +
+           head * a_.query_head_stride;
+  }
+
+  /// q[d][r] = scale * query[token_r, head_r, d]; padding rows are 0 (finite scores).
+  void load_queries(const Tile& t, int64_t kv_head) const {
+    std::fill(t.q, t.q + dim_ * t.padded, 0.f);
+    float* row = t.stage;  // free until the first chunk
+    for (int64_t r = 0; r < t.rows; ++r) {
+      to_float(query_row(r, t, kv_head), row, dim_);
+      for (int64_t d = 0; d < dim_; ++d) t.q[d * t.padded + r] = row[d] * a_.scale;
+    }
+  }
+
+  void reset_state(const Tile& t) const {
+    std::fill(t.acc, t.acc + dim_ * t.padded, 0.f);
+    std::fill(t.max, t.max + t.padded, kNegInf);
+    std::fill(t.sum, t.sum + t.padded, 0.f);
+  }
+
+  float* state_row(int64_t row, const Tile& t, int64_t kv_head) const {
+    const int64_t token = t.tokens[row / group_], head = kv_head * group_ + row % group_;
+    return a_.state + (token * a_.num_q_heads + head) * (dim_ + kStateExtra);
+  }
+
+  void store_state(const Tile& t, int64_t kv_head) const {
+    for (int64_t r = 0; r < t.rows; ++r) {
+      float* s = state_row(r, t, kv_head);
+      for (int64_t d = 0; d < dim_; ++d) s[d] = t.acc[d * t.padded + r];
+      s[dim_] = t.max[r];
+      s[dim_ + 1] = t.sum[r];
+    }
+  }
+
+  void load_state(const Tile& t, int64_t kv_head) const {
+    reset_state(t);  // padding rows
+    for (int64_t r = 0; r < t.rows; ++r) {
+      const float* s = state_row(r, t, kv_head);
+      for (int64_t d = 0; d < dim_; ++d) t.acc[d * t.padded + r] = s[d];
+      t.max[r] = s[dim_];
+      t.sum[r] = s[dim_ + 1];
+    }
+  }
+
+  /// out[token_r, head_r, :] = acc[:, r] / sum[r], in the output dtype.
+  void store_output(const Tile& t, int64_t kv_head) const {
+    float* row = t.stage;
+    for (int64_t r = 0; r < t.rows; ++r) {
+      const float inv = 1.f / t.sum[r];
+      for (int64_t d = 0; d < dim_; ++d) row[d] = t.acc[d * t.padded + r] * inv;
+      const int64_t token = t.tokens[r / group_], head = kv_head * group_ + r % group_;
+      T* out = static_cast<T*>(a_.out) + (token * a_.num_q_heads + head) * dim_;
+      at::vec::convert(row, out, dim_);
+    }
+  }
+
+  const AttentionArgs& a_;
+  int64_t group_;
+  int64_t dim_;
+  int64_t token_stride_;
+  int64_t block_stride_;
+  const T* k_;
+  const T* v_;
+};
+
+}  // namespace
+
+void paged_prefix_attention(const AttentionArgs& args) {
+  switch (args.dtype) {
+    case c10::ScalarType::Float:
+      return Attention<float>(args).run();
+    case c10::ScalarType::BFloat16:
+      return Attention<c10::BFloat16>(args).run();
+    case c10::ScalarType::Half:
+      return Attention<c10::Half>(args).run();
+    default:
+      TORCH_CHECK(false, "paged_prefix_attention: unsupported dtype ", args.dtype);
+  }
+}
+
+}  // namespace prefixserve::cpu::PREFIXSERVE_ISA

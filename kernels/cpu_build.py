@@ -1,0 +1,200 @@
+"""Builds the native CPU ops (``csrc/``) once per source version and torch version, and loads them.
+
+The kernel file is compiled once per instruction set, each object with its own flags, and the
+op picks the best one this CPU runs at call time: nothing is tuned to the build machine
+(no ``-march=native``), so a library built on an AVX-512 machine runs on an AVX2-only or a plain
+x86-64 one and vice versa.
+
+The library lands in ``<cache>/ops/<key>/`` (``$PREFIXSERVE_CACHE``, else
+``~/.cache/prefixserve``), the key hashing the sources, flags and torch version. One process
+builds under an exclusive file lock while the others wait; the build happens in a scratch
+directory renamed into place, so nobody loads a half-written library. A cached library is
+loaded without a compiler. The compiler is ``$CXX`` or ``c++`` (g++ or clang).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import fcntl
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from ..default_model import cache_root
+
+SOURCE_DIR = Path(__file__).resolve().parents[1] / "csrc"
+"""``csrc/`` of the source tree, or ``prefixserve/csrc`` of an installed package."""
+LIBRARY_NAME = "libprefixserve_cpu.so"
+REGISTRATION = "cpu_attention.cpp"
+KERNEL = "cpu_attention_kernel.cpp"
+HEADERS = ("cpu_attention.h",)
+COMMON_FLAGS = ("-O3", "-DNDEBUG", "-std=c++20", "-fPIC", "-fopenmp", "-fvisibility=hidden")
+ISA_FLAGS: dict[str, tuple[str, ...]] = {
+    "baseline": ("-DCPU_CAPABILITY=DEFAULT",),
+    "avx2": ("-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"),
+    "avx512": (
+        "-DCPU_CAPABILITY=AVX512",
+        "-DCPU_CAPABILITY_AVX512",
+        "-mavx512f",
+        "-mavx512bw",
+        "-mavx512vl",
+        "-mavx512dq",
+        "-mavx2",
+        "-mfma",
+        "-mf16c",
+    ),
+}
+"""Builds of the kernel file per instruction set (x86-64 only; elsewhere the baseline alone)."""
+EXPECTED_BUILD_SECONDS = 30
+
+
+class NativeBuildError(RuntimeError):
+    """The native CPU ops could not be built or loaded (the message says why)."""
+
+
+def load_cpu_ops() -> Path:
+    """Load ``torch.ops.prefixserve`` (building it first if the cache lacks it); returns the
+    library's path or raises :class:`NativeBuildError`. Success and failure are both remembered
+    for the life of the process: a failed build is not retried."""
+    outcome = _load_once()
+    if isinstance(outcome, NativeBuildError):
+        raise outcome
+    return outcome
+
+
+@functools.cache
+def _load_once() -> Path | NativeBuildError:
+    try:
+        return _build_and_load()
+    except NativeBuildError as e:
+        return e
+
+
+def _build_and_load() -> Path:
+    if not SOURCE_DIR.is_dir():
+        raise NativeBuildError(f"the native sources are missing ({SOURCE_DIR} not found)")
+    isas = _isas()
+    target = cache_root() / "ops" / _cache_key(isas)
+    library = target / LIBRARY_NAME
+    if not library.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with _exclusive_lock(target.parent / f".{target.name}.lock"):
+            if not library.is_file():
+                _build(isas, target)
+    try:
+        torch.ops.load_library(str(library))
+    except OSError as e:
+        raise NativeBuildError(f"{library} does not load: {e}") from e
+    return library
+
+
+def _isas() -> tuple[str, ...]:
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        return tuple(ISA_FLAGS)
+    return ("baseline",)
+
+
+def _sources() -> list[Path]:
+    return [SOURCE_DIR / name for name in (REGISTRATION, KERNEL, *HEADERS)]
+
+
+def _cache_key(isas: tuple[str, ...]) -> str:
+    digest = hashlib.sha256()
+    for path in _sources():
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    for part in (*COMMON_FLAGS, *(f for isa in isas for f in ISA_FLAGS[isa])):
+        digest.update(part.encode() + b"\0")
+    digest.update(f"{torch.__version__} {platform.machine()}".encode())
+    return f"cpu-{digest.hexdigest()[:16]}"
+
+
+def _build(isas: tuple[str, ...], target: Path) -> None:
+    """Compile, link, and move the library into ``target`` in one rename."""
+    compiler = os.environ.get("CXX") or "c++"
+    if shutil.which(compiler) is None:
+        raise NativeBuildError(f"no C++ compiler ({compiler!r} is not on PATH; set $CXX)")
+    _say(f"building the native CPU attention op (once, ~{EXPECTED_BUILD_SECONDS} s) ...")
+    start = time.perf_counter()
+    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        objects = _compile(compiler, isas, scratch)
+        _link(compiler, objects, scratch / LIBRARY_NAME)
+        os.rename(scratch, target)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    _say(f"native CPU attention op ready in {target} ({time.perf_counter() - start:.0f} s)")
+
+
+def _compile(compiler: str, isas: tuple[str, ...], out_dir: Path) -> list[Path]:
+    """Compile the registration and the kernel once per ISA, in parallel. Returns the objects
+    baseline first: where objects share an inline function the linker keeps the first copy, so
+    code common to every ISA is never taken from the AVX2 or AVX-512 build."""
+    from torch.utils import cpp_extension  # imports setuptools: only when building
+
+    includes = [f"-I{d}" for d in (SOURCE_DIR, *cpp_extension.include_paths())]
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    base = [compiler, *COMMON_FLAGS, abi, *includes]
+    jobs = {out_dir / "registration.o": [*base, "-c", str(SOURCE_DIR / REGISTRATION)]}
+    for isa in isas:
+        kernel = [*ISA_FLAGS[isa], f"-DPREFIXSERVE_ISA={isa}", "-c", str(SOURCE_DIR / KERNEL)]
+        jobs[out_dir / f"kernel_{isa}.o"] = [*base, *kernel]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        list(pool.map(lambda job: _run([*job[1], "-o", str(job[0])]), jobs.items()))
+    return list(jobs)
+
+
+def _link(compiler: str, objects: list[Path], library: Path) -> None:
+    """A shared library against torch's own libraries (and, through them, torch's OpenMP)."""
+    from torch.utils import cpp_extension
+
+    lib_dirs = [f"-L{d}" for d in cpp_extension.library_paths()]
+    _run(
+        [
+            compiler,
+            "-shared",
+            *map(str, objects),
+            *lib_dirs,
+            "-lc10",
+            "-ltorch_cpu",
+            "-o",
+            str(library),
+        ]
+    )
+
+
+def _run(command: list[str]) -> None:
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-20:])
+        raise NativeBuildError(f"`{' '.join(command[:2])} ...` failed:\n{tail}")
+
+
+def _say(message: str) -> None:
+    print(f"prefixserve: {message}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _exclusive_lock(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (released by the kernel if this process dies)."""
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _say("waiting for another process that is building the native CPU attention op ...")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

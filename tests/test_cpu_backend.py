@@ -1,0 +1,120 @@
+"""The engine on the native CPU attention backend: it is the default on CPU, it equals
+transformers and PEFT with adapters mixed in one batch (also with every prefix grouped), and
+where the op cannot be built the engine falls back to the PyTorch reference with one warning."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from prefixserve import LLM, SamplingParams, cpu_backend
+from prefixserve.attention import TorchBackend, select_backend
+from prefixserve.config import EngineConfig
+from prefixserve.cpu_backend import NativeCPUBackend
+from prefixserve.kernels import cpu_build
+from prefixserve.kernels.cpu_build import NativeBuildError
+
+from hf_reference import hf_greedy
+from peft_reference import peft_greedy
+
+PROMPTS = [[5, 9, 33, 7, 81], [11, 12], [40, 41, 42, 43, 44, 45, 46, 47, 48]]
+LENGTHS = {"prompt_tuning": 5, "prefix_tuning": 7, "cartridge": 17}
+NEW = 6
+
+
+def test_default_cpu_backend_is_the_native_op(monkeypatch):
+    monkeypatch.delenv("PREFIXSERVE_ATTENTION", raising=False)
+    cpu_build.load_cpu_ops()  # this machine builds it: a failure here is a real failure
+    backend = select_backend(None, torch.device("cpu"))
+    assert isinstance(backend, NativeCPUBackend) and backend.name == "cpu"
+    assert select_backend("torch", torch.device("cpu")).name == "torch"
+    with pytest.raises(ValueError, match="runs on the CPU"):
+        select_backend("cpu", torch.device("cuda"))
+    assert EngineConfig(attention_backend="cpu").attention_backend == "cpu"
+    with pytest.raises(ValueError, match="'cpu', 'torch', 'triton'"):
+        EngineConfig(attention_backend="native")
+
+
+@pytest.mark.parametrize("prefix_mode", ["auto", "grouped"])
+def test_cpu_backend_mixed_adapters_equal_references(prefix_mode, tiny_model_dir, peft_adapter_dir):
+    model_dir = tiny_model_dir("llama")
+    paths = {k: peft_adapter_dir(model_dir, k, n) for k, n in LENGTHS.items()}
+    expected = {k: peft_greedy(model_dir, p, PROMPTS, NEW) for k, p in paths.items()}
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    expected[None] = hf_greedy(base, PROMPTS, NEW)
+
+    llm = LLM(
+        str(model_dir), dtype="float32", block_size=4, num_kv_blocks=128, max_num_batched_tokens=16
+    )
+    assert llm.engine.runner.backend.name == "cpu"
+    llm.engine.runner.backend = NativeCPUBackend(prefix_mode)
+    for name, path in paths.items():
+        llm.load_adapter(name, path)
+    batch = [(name, i) for name in [*LENGTHS, None] for i in range(len(PROMPTS))]
+    outputs = llm.generate(
+        [PROMPTS[i] for _, i in batch],
+        SamplingParams(max_new_tokens=NEW),
+        adapter=[name for name, _ in batch],
+    )
+    for (name, i), out in zip(batch, outputs):
+        assert out.token_ids == expected[name][i], (name, i)
+
+
+def test_unbuildable_op_falls_back_with_one_warning(monkeypatch):
+    def no_compiler(*args: object, **kwargs: object) -> None:
+        raise NativeBuildError("no C++ compiler ('c++' is not on PATH; set $CXX)")
+
+    monkeypatch.delenv("PREFIXSERVE_ATTENTION", raising=False)
+    monkeypatch.setattr(cpu_backend.NativeCPUBackend, "__init__", no_compiler)
+    cpu_backend._warn_fallback.cache_clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        backends = [select_backend(None, torch.device("cpu")) for _ in range(3)]
+    assert all(isinstance(b, TorchBackend) for b in backends)
+    assert len(caught) == 1
+    assert "no C++ compiler" in str(caught[0].message)
+    assert "half the throughput with a 512-token system prompt" in str(caught[0].message)
+    cpu_backend._warn_fallback.cache_clear()
+
+
+@pytest.mark.parametrize(
+    ("compiler", "message"), [("no-such-c++", "no C++ compiler"), ("false", "failed")]
+)
+def test_build_failure_says_why(compiler, message, monkeypatch, tmp_path):
+    monkeypatch.setenv("PREFIXSERVE_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", compiler)
+    with pytest.raises(NativeBuildError, match=re.escape(message)):
+        cpu_build._build_and_load()
+    assert not list((tmp_path / "ops").glob("cpu-*/*.so")), "a failed build left a library"
+
+
+def test_concurrent_builds_build_once(monkeypatch, tmp_path):
+    """Two builders at once: one builds under the lock, the other waits and loads its result."""
+    builds: list[Path] = []
+
+    def fake_build(isas: tuple[str, ...], target: Path) -> None:
+        builds.append(target)
+        time.sleep(0.3)
+        target.mkdir()
+        (target / cpu_build.LIBRARY_NAME).write_bytes(b"")
+
+    monkeypatch.setenv("PREFIXSERVE_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_build, "_build", fake_build)
+    monkeypatch.setattr(torch.ops, "load_library", lambda path: None)
+    loaded: list[Path] = []
+    threads = [
+        threading.Thread(target=lambda: loaded.append(cpu_build._build_and_load()))
+        for _ in range(2)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(builds) == 1 and len(loaded) == 2 and loaded[0] == loaded[1]
