@@ -17,8 +17,9 @@ from prefixserve.kernels.reference import (
     naive_prefix_attention,
     paged_prefix_attention_from_metadata,
 )
-from prefixserve.kernels.testing import adapter_mix, make_scenario, poison_unreadable
-from prefixserve.kernels.triton_testing import assert_matches_oracle, pairwise, random_step
+
+from kernel_cases import assert_matches_oracle, pairwise, random_step
+from scenarios import adapter_mix, make_scenario, poison_unreadable
 
 PREFIXES = {  # prefix table per case: lengths 0, 1, odd, non-multiples of the block, > 1k
     "p0": [0, 0],

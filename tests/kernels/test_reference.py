@@ -8,7 +8,8 @@ from prefixserve.kernels.reference import (
     paged_prefix_attention_from_metadata,
     write_kv,
 )
-from prefixserve.kernels.testing import adapter_mix, make_scenario, poison_unreadable
+
+from scenarios import adapter_mix, make_scenario, poison_unreadable
 
 CASES = {
     "decode": ([1, 1, 1, 1, 1], [5, 17, 1, 33, 16]),

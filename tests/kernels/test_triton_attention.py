@@ -7,9 +7,10 @@ batch size and kernel-specific knobs (all pairs of values appear; far fewer than
 import pytest
 import torch
 
-from prefixserve.kernels.testing import make_scenario, poison_unreadable
 from prefixserve.kernels.triton_attention import plan_step, prefix_paged_attention
-from prefixserve.kernels.triton_testing import assert_matches_oracle, pairwise, random_step
+
+from kernel_cases import assert_matches_oracle, pairwise, random_step
+from scenarios import make_scenario, poison_unreadable
 
 PREFIXES = {  # prefix table per case: lengths 0, 1, 17, 100+ and non-multiples of block sizes
     "p0": [0, 0],

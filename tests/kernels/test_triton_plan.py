@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from prefixserve.kernels.testing import make_scenario
 from prefixserve.kernels.triton_plan import DispatchRule, _num_splits, plan_step
+
+from scenarios import make_scenario
 
 
 def _decode_meta(batch, own, prefix_index, prefix_lens, block_size=16):
@@ -105,7 +106,8 @@ def test_plan_rejects_bad_arguments():
 
 def test_plan_without_shapes_completes_at_the_first_layer(device):
     from prefixserve.kernels.triton_attention import prefix_paged_attention
-    from prefixserve.kernels.triton_testing import assert_matches_oracle, random_step
+
+    from kernel_cases import assert_matches_oracle, random_step
 
     sc = random_step(
         "chunked",

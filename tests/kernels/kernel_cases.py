@@ -1,5 +1,5 @@
-"""Helpers shared by the Triton kernel tests and the benchmark's smoke mode: pairwise case
-generation, per-dtype tolerances and one call that checks a kernel step against the oracle.
+"""Helpers shared by the kernel tests: pairwise case generation, per-dtype tolerances and one
+call that checks a kernel step against the oracle (test helpers, not shipped).
 
 No Triton import here: tests import this before deciding whether kernels are interpreted.
 """
@@ -12,8 +12,9 @@ from typing import Any
 
 import torch
 
-from .reference import naive_prefix_attention
-from .testing import Scenario, adapter_mix, make_scenario
+from prefixserve.kernels.reference import naive_prefix_attention
+
+from scenarios import Scenario, adapter_mix, make_scenario
 
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.float32: (2e-5, 2e-5),  # IEEE products, fp32 accumulation

@@ -1,4 +1,4 @@
-"""Random paged-attention scenarios for kernel tests and microbenchmarks.
+"""Random paged-attention scenarios for the kernel tests (test helpers, not shipped).
 
 A scenario is a batch of requests with given query lengths, own lengths and prefix assignment,
 laid out in a shuffled paged pool exactly as the engine would lay it out (prefix blocks shared by
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .metadata import AttentionMetadata
+from prefixserve.kernels.metadata import AttentionMetadata
 
 
 @dataclass(slots=True)
