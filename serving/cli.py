@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .client import Client, Prompt
+    from .server import PrefixServer, ServerConfig
 
 GUIDE = """\
 Start here:
@@ -37,8 +38,10 @@ def _serve(args: argparse.Namespace) -> int:
     from .config import EngineConfig, engine_options
     from .default_model import cache_root
     from .quota import TenantQuota
-    from .server import AdapterSpec, ApiKeys, PrefixServer, ServerConfig, serve
+    from .server import AdapterSpec, ApiKeys, ServerConfig, serve
 
+    if not args.ray and (args.replicas is not None or args.ray_address is not None):
+        raise ValueError("--replicas and --ray-address run engine replicas on Ray: add --ray")
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s"
     )
@@ -75,7 +78,30 @@ def _serve(args: argparse.Namespace) -> int:
     def ready(server: PrefixServer) -> None:
         print(f"prefixserve: serving on {server.address} ({keys}); Ctrl-C stops", flush=True)
 
+    if args.ray:
+        return _serve_on_ray(args, config, ready)
     asyncio.run(serve(config, on_ready=ready))
+    return 0
+
+
+def _serve_on_ray(
+    args: argparse.Namespace, config: ServerConfig, ready: Callable[[PrefixServer], None]
+) -> int:
+    """``serve --ray``: the same gRPC API in front of engine replicas on Ray Serve."""
+    from .scaleout.config import FleetConfig
+
+    fleet = FleetConfig(
+        replicas=FleetConfig().replicas if args.replicas is None else args.replicas,
+        ray_address=args.ray_address,
+        replica_cpus=args.replica_cpus,
+        replica_gpus=args.replica_gpus,
+    )
+    try:
+        from .scaleout import run_fleet
+    except ImportError as e:
+        raise ValueError(str(e)) from None
+    print(f"prefixserve: starting {fleet.replicas} engine replicas on Ray", flush=True)
+    run_fleet(config, fleet, on_ready=ready)
     return 0
 
 
@@ -198,7 +224,41 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         help="seconds in-flight requests get to finish on shutdown",
     )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    _add_ray_flags(p.add_argument_group("replicas on Ray Serve (needs prefixserve[ray])"))
     p.set_defaults(func=_serve)
+
+
+def _add_ray_flags(group: argparse._ArgumentGroup) -> None:
+    from .scaleout.config import FleetConfig
+
+    defaults = FleetConfig()
+    group.add_argument(
+        "--ray",
+        action="store_true",
+        help="serve the same API in front of engine replicas on a Ray cluster; requests go to "
+        "the replicas that hold their adapter's prefix (Ray Serve model multiplexing)",
+    )
+    group.add_argument(
+        "--replicas", type=int, help=f"engine replicas (with --ray; default {defaults.replicas})"
+    )
+    group.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="Ray cluster to join, e.g. HEAD:6379 or auto (default: the one started on this "
+        "machine with `ray start`, else a new local one)",
+    )
+    group.add_argument(
+        "--replica-cpus",
+        type=float,
+        default=defaults.replica_cpus,
+        help="CPUs per replica (default %(default)s)",
+    )
+    group.add_argument(
+        "--replica-gpus",
+        type=float,
+        default=defaults.replica_gpus,
+        help="GPUs per replica: 1 on GPU nodes (default %(default)s)",
+    )
 
 
 # -- client commands ------------------------------------------------------------------------------
@@ -234,9 +294,10 @@ def _generate(args: argparse.Namespace) -> int:
     print()
     if last is not None and last.usage is not None:
         u = last.usage
+        served = f"; replica {last.replica or '(none named)'}" if args.show_replica else ""
         print(
             f"[{last.finish_reason}; {u.prompt_tokens} prompt + {u.completion_tokens} "
-            f"generated tokens]",
+            f"generated tokens{served}]",
             file=sys.stderr,
         )
     return 0
@@ -305,6 +366,11 @@ def _add_client_commands(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--repetition-penalty", type=float)
     g.add_argument("--seed", type=int)
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument(
+        "--show-replica",
+        action="store_true",
+        help="print which replica served the answer (servers started with --ray)",
+    )
     _client_options(g)
     g.set_defaults(func=_generate)
 

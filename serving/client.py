@@ -30,6 +30,9 @@ from ._proto import prefixserve_pb2 as pb
 from ._proto import prefixserve_pb2_grpc as pb_grpc
 
 Prompt = str | Sequence[int] | Sequence[Mapping[str, str]]
+REPLICA_METADATA = "prefixserve-replica"
+"""Trailing metadata of generation responses from a server with replicas (``prefixserve serve
+--ray``): the replica that served the request."""
 FINISH_REASONS = {
     pb.FINISH_REASON_STOP: "stop",
     pb.FINISH_REASON_LENGTH: "length",
@@ -70,6 +73,8 @@ class GenerateResult:
     """'stop' (eos, stop token or stop string), 'length' (max_new_tokens) or 'abort'."""
     usage: Usage
     logprobs: list[TokenLogprobs] | None = None
+    replica: str | None = None
+    """The replica that served it, on a server with replicas (else None)."""
 
 
 @dataclass(slots=True)
@@ -82,6 +87,8 @@ class StreamChunk:
     finish_reason: str | None = None
     usage: Usage | None = None
     logprobs: list[TokenLogprobs] | None = None
+    replica: str | None = None
+    """On the last chunk: the replica that served the stream, on a server with replicas."""
 
 
 @dataclass(slots=True)
@@ -146,6 +153,14 @@ def build_request(
         else:
             raise TypeError(f"unknown generation option {name!r}")
     return request
+
+
+def replica_of(trailing_metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
+    """The ``prefixserve-replica`` entry of a call's trailing metadata, if any."""
+    for key, value in trailing_metadata or ():
+        if key == REPLICA_METADATA:
+            return value.decode() if isinstance(value, bytes) else value
+    return None
 
 
 def result_of(m: pb.GenerateResponse) -> GenerateResult:
@@ -265,7 +280,10 @@ class Client(_Base):
         min_p, repetition_penalty, seed, stop, stop_token_ids, include_stop_str_in_output,
         ignore_eos, skip_special_tokens, logprobs, request_id."""
         request = build_request(prompt, adapter, options)
-        return result_of(self.generation.Generate(request, **self._kw(timeout)))
+        response, call = self.generation.Generate.with_call(request, **self._kw(timeout))
+        result = result_of(response)
+        result.replica = replica_of(call.trailing_metadata())
+        return result
 
     def generate_stream(
         self,
@@ -281,7 +299,10 @@ class Client(_Base):
         )
         try:
             for message in call:
-                yield chunk_of(message)
+                chunk = chunk_of(message)
+                if chunk.finish_reason is not None:  # the status and trailers follow at once
+                    chunk.replica = replica_of(call.trailing_metadata())
+                yield chunk
         finally:
             call.cancel()
 
@@ -374,7 +395,10 @@ class AsyncClient(_Base):
         **options: Any,
     ) -> GenerateResult:
         request = build_request(prompt, adapter, options)
-        return result_of(await self.generation.Generate(request, **self._kw(timeout)))
+        call = self.generation.Generate(request, **self._kw(timeout))
+        result = result_of(await call)
+        result.replica = replica_of(await call.trailing_metadata())
+        return result
 
     async def generate_stream(
         self,
@@ -389,7 +413,10 @@ class AsyncClient(_Base):
         )
         try:
             async for message in call:
-                yield chunk_of(message)
+                chunk = chunk_of(message)
+                if chunk.finish_reason is not None:
+                    chunk.replica = replica_of(await call.trailing_metadata())
+                yield chunk
         finally:
             call.cancel()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -166,8 +167,12 @@ def _code(fn) -> tuple[grpc.StatusCode, str]:
     return info.value.code(), info.value.details()
 
 
-def test_each_bad_input_gets_its_status_and_the_server_keeps_serving(server, acme, tmp_path):
-    """Acceptance 3."""
+def bad_input_cases(
+    address: str, acme: Client, tmp_path: Path, max_upload: int = 2**20
+) -> list[tuple[Callable[[], object], grpc.StatusCode, str]]:
+    """Calls to the server at ``address`` that must fail: each with its status and words its
+    message must hold (acme owns 'pirate', globex 'shout'; 'json' is public; uploads are
+    limited to ``max_upload`` bytes)."""
     S = grpc.StatusCode
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
@@ -177,8 +182,8 @@ def test_each_bad_input_gets_its_status_and_the_server_keeps_serving(server, acm
     bad_json.mkdir()
     (bad_json / "adapter_config.json").write_text("{not json")
     (bad_json / "adapter_model.safetensors").write_bytes(b"")
-    stranger = Client(server.address, "not-a-key-at-all")
-    anonymous = Client(server.address)
+    stranger = Client(address, "not-a-key-at-all")
+    anonymous = Client(address)
     cases = [
         (lambda: acme.generate("hi", "nope"), S.NOT_FOUND, "'nope' is not loaded for you"),
         (lambda: acme.generate("hi", "shout"), S.NOT_FOUND, "'shout' is not loaded for you"),
@@ -203,9 +208,9 @@ def test_each_bad_input_gets_its_status_and_the_server_keeps_serving(server, acm
             "no chat template",
         ),
         (
-            lambda: acme.load_adapter("big", text="x" * (2**20 + 1)),
+            lambda: acme.load_adapter("big", text="x" * (max_upload + 1)),
             S.RESOURCE_EXHAUSTED,
-            "at most 1048576 bytes",
+            f"at most {max_upload} bytes",
         ),
         (
             lambda: acme.load_adapter("c", upload=corrupt),
@@ -225,6 +230,12 @@ def test_each_bad_input_gets_its_status_and_the_server_keeps_serving(server, acm
         (lambda: acme.unload_adapter("json"), S.PERMISSION_DENIED, "public"),
         (lambda: acme.list_adapters(all_tenants=True), S.PERMISSION_DENIED, "admin"),
     ]
+    return cases
+
+
+def test_each_bad_input_gets_its_status_and_the_server_keeps_serving(server, acme, tmp_path):
+    """Acceptance 3."""
+    cases = bad_input_cases(server.address, acme, tmp_path)
     for call, code, words in cases:
         got, details = _code(call)
         assert (got, words in details) == (code, True), (code, words, details)

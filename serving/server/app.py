@@ -92,6 +92,9 @@ class ServerConfig:
 class PrefixServer:
     """One gRPC server over one engine. ``await start()``, ``await load()``, ``await stop()``."""
 
+    generation_service: type[GenerationService] = GenerationService
+    """The GenerationService implementation (a subclass may add to its responses)."""
+
     def __init__(self, config: ServerConfig, engine_factory: EngineFactory = LLMEngine) -> None:
         self.config = config
         self._engine_factory = engine_factory
@@ -110,7 +113,8 @@ class PrefixServer:
         limits = request_limits(config.max_upload_bytes, config.max_request_bytes)
         options = [("grpc.max_receive_message_length", max(limits.values()))]
         self._grpc = aio.server(interceptors=[ErrorInterceptor(limits)], options=options)
-        pb_grpc.add_GenerationServiceServicer_to_server(GenerationService(self.state), self._grpc)
+        generation = self.generation_service(self.state)
+        pb_grpc.add_GenerationServiceServicer_to_server(generation, self._grpc)
         self.adapters = AdapterService(self.state)
         pb_grpc.add_AdapterServiceServicer_to_server(self.adapters, self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
@@ -177,10 +181,12 @@ class PrefixServer:
 
 
 async def serve(
-    config: ServerConfig, on_ready: Callable[[PrefixServer], None] | None = None
+    config: ServerConfig,
+    on_ready: Callable[[PrefixServer], None] | None = None,
+    server_factory: Callable[[ServerConfig], PrefixServer] = PrefixServer,
 ) -> None:
     """Run a server until SIGINT or SIGTERM, then shut it down gracefully."""
-    server = PrefixServer(config)
+    server = server_factory(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -226,7 +232,7 @@ class BackgroundServer:
         self._thread.start()
 
         async def create() -> PrefixServer:
-            server = PrefixServer(self.config, self._factory)
+            server = self._new_server()
             await server.start()
             return server
 
@@ -235,6 +241,9 @@ class BackgroundServer:
         if wait_ready:
             self.loading.result(timeout)
         return self
+
+    def _new_server(self) -> PrefixServer:
+        return PrefixServer(self.config, self._factory)
 
     @property
     def address(self) -> str:

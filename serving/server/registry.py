@@ -135,7 +135,8 @@ class AdapterRegistry:
 
     # -- files ----------------------------------------------------------------------------------
 
-    def _folder(self, record: AdapterRecord) -> Path:
+    def folder(self, record: AdapterRecord) -> Path:
+        """Where a persistent adapter's files are (whether or not they exist yet)."""
         if record.owner is None:
             return self.root / "public" / record.name
         return self.root / "tenants" / record.owner / record.name
@@ -209,7 +210,7 @@ class AdapterRegistry:
         if record.persistent and staged is not None:
             record.created = record.created or time.time()
             (staged / RECORD_FILE).write_text(json.dumps(asdict(record), indent=1))
-            folder = self._folder(record)
+            folder = self.folder(record)
             folder.parent.mkdir(parents=True, exist_ok=True)
             if folder.exists():  # a leftover that failed to load at startup
                 shutil.rmtree(folder)
@@ -219,7 +220,7 @@ class AdapterRegistry:
     def remove(self, record: AdapterRecord) -> None:
         self.records.pop(record.engine_name, None)
         if record.persistent:
-            shutil.rmtree(self._folder(record), ignore_errors=True)
+            shutil.rmtree(self.folder(record), ignore_errors=True)
 
     def saved(self) -> list[tuple[AdapterRecord, Path]]:
         """Every adapter recorded on disk, with its folder (for reloading after a restart)."""
@@ -232,7 +233,7 @@ class AdapterRegistry:
             except (OSError, ValueError, TypeError) as e:
                 logger.warning("skipping %s: not a valid registry record (%s)", path, e)
                 continue
-            if path.parent != self._folder(record):
+            if path.parent != self.folder(record):
                 logger.warning("skipping %s: it does not match its folder", path)
                 continue
             found.append((record, path.parent))
