@@ -66,7 +66,11 @@ def _load_with_deadline(client: Client, name: str, upload: Path, timeout: float)
 
 def test_cut_loads_leave_nothing_behind(server, upload):
     """Uploads cut by deadlines from 0.5 ms to 0.5 s: every answered load is there, every cut one
-    left no engine adapter, no registry record and no staged file, and its name loads again."""
+    the server had not finished left no engine adapter, no registry record and no staged file,
+    and its name loads again.
+
+    A load the server finished just as the deadline passed (its answer was on the wire) is kept,
+    as with any RPC; it is then whole: in the engine and the registry both."""
     names = [f"cut-{i}" for i in range(len(DEADLINES))]
     with Client(server.address, KEYS["acme"]) as acme:
         answered = {
@@ -74,12 +78,13 @@ def test_cut_loads_leave_nothing_behind(server, upload):
         }
         _drain(server)
         engine, records, staged = _state(server)
-        assert engine == records == {f"acme/{n}" for n in answered}
+        assert engine == records
         assert staged == []
-        assert len(answered) < len(names), "no deadline cut a load: the test proves nothing"
-        for name in names:
-            if name not in answered:
-                acme.load_adapter(name, upload=upload)  # no name got stuck
+        assert {f"acme/{n}" for n in answered} <= records
+        undone = [n for n in names if f"acme/{n}" not in records]
+        assert undone, "no deadline cut a load: the test proves nothing"
+        for name in undone:
+            acme.load_adapter(name, upload=upload)  # no name got stuck
         assert {a.name for a in acme.list_adapters()} >= set(names)
     engine, records, staged = _state(server)
     assert engine == records and len(records) == len(names) and staged == []

@@ -68,8 +68,10 @@ def _client_words(message: str, staged: Path, record: AdapterRecord) -> str:
 class AdapterService(pb_grpc.AdapterServiceServicer):
     """Adapter changes are transactions. Once a load or unload has begun it runs to its end on
     the server whatever its caller does (a cancelled call, an expired deadline, a closed
-    connection); a load whose caller went away is then undone, so a load that did not answer
-    OK leaves nothing behind: no engine adapter, no registry record, no staged file."""
+    connection); a load whose caller went away is then undone, so a load cut before it finished
+    leaves nothing behind: no engine adapter, no registry record, no staged file. (A load that
+    finished as its deadline passed is kept whole, as with any RPC whose answer was in flight: a
+    client that saw DEADLINE_EXCEEDED asks GetAdapter before loading again.)"""
 
     def __init__(self, state: ServingState) -> None:
         self.state = state
