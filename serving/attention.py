@@ -17,6 +17,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from .compiled import attention_op
 from .kernels import reference
 from .kernels.metadata import AttentionMetadata
 from .kv_cache import KVCachePool
@@ -134,17 +135,16 @@ def prefixserve_attention(
 ) -> tuple[torch.Tensor, None]:
     """transformers attention hook: ``query [1, Hq, T, D]``, ``key/value [1, Hkv, T, D]``
     (RoPE applied) -> ``([1, T, Hq, D], None)``."""
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    q, k, v = query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1)
     step: StepContext | None = kwargs.get(STEP_KWARG)
     if step is None:
-        raise RuntimeError(
-            "the prefixserve attention implementation only runs inside the prefixserve engine"
-        )
+        # The compiled forward: one opaque op per layer; the step comes from its forward context.
+        out = attention_op(q, k, v, module.layer_idx, scale)
+        return out.unsqueeze(0), None
     k_cache, v_cache = step.kv_cache.layer(module.layer_idx)  # type: ignore[arg-type]
-    step.backend.write_kv(
-        key[0].transpose(0, 1), value[0].transpose(0, 1), k_cache, v_cache, step.plan
-    )
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = step.backend.attend(query[0].transpose(0, 1), k_cache, v_cache, step.plan, scale)
+    step.backend.write_kv(k, v, k_cache, v_cache, step.plan)
+    out = step.backend.attend(q, k_cache, v_cache, step.plan, scale)
     return out.unsqueeze(0), None
 
 

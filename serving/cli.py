@@ -115,6 +115,15 @@ def _add_engine_flags(group: argparse._ArgumentGroup) -> None:
 
     for option in engine_options():
         flag = "--" + option.name.replace("_", "-")
+        if option.annotation.startswith("bool"):  # --enforce-eager / --no-enforce-eager
+            group.add_argument(
+                flag,
+                dest=option.name,
+                action=argparse.BooleanOptionalAction,
+                default=option.default,
+                help=f"{option.help} (default: {option.default})".replace("%", "%%"),
+            )
+            continue
         group.add_argument(
             flag,
             *ENGINE_FLAG_ALIASES.get(option.name, ()),
@@ -415,7 +424,9 @@ def _add_client_commands(sub: argparse._SubParsersAction) -> None:
 def _demo(args: argparse.Namespace) -> int:
     from .server.demo import run_demo
 
-    return run_demo(args.model, args.dtype, args.max_new_tokens, args.adapters_dir)
+    return run_demo(
+        args.model, args.dtype, args.max_new_tokens, args.adapters_dir, compiled=args.compile
+    )
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -434,6 +445,12 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         "--adapters-dir",
         type=Path,
         help="folder of adapter directories (default: the repository's examples/adapters)",
+    )
+    demo.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the model's forward as `serve` does (faster steps after minutes of "
+        "warm-up on a small CPU; the demo's few answers run eagerly by default)",
     )
     demo.set_defaults(func=_demo)
 

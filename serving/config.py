@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import os
 from dataclasses import MISSING, dataclass, field, fields
 from functools import cache
 from typing import TYPE_CHECKING, Any
@@ -142,6 +143,20 @@ class EngineConfig:
     attention_backend: str | None = None
     """'cpu' (the native op), 'torch' (the PyTorch reference) or 'triton'; None =
     $PREFIXSERVE_ATTENTION, else triton on CUDA and cpu on CPU (torch where it cannot build)."""
+    enforce_eager: bool | None = None
+    """Run the model eagerly instead of under torch.compile (compiled: a warm-up of minutes at
+    start, then faster steps; models that cannot compile, e.g. bitsandbytes-quantized, run
+    eagerly anyway); None = $PREFIXSERVE_ENFORCE_EAGER (1 or 0), else compiled."""
+
+    @property
+    def eager(self) -> bool:
+        """Whether the model runs eagerly (``enforce_eager``, else the environment's choice)."""
+        if self.enforce_eager is not None:
+            return self.enforce_eager
+        env = os.environ.get("PREFIXSERVE_ENFORCE_EAGER", "0")
+        if env not in ("0", "1"):
+            raise ValueError(f"PREFIXSERVE_ENFORCE_EAGER must be 0 or 1, got {env!r}")
+        return env == "1"
 
     def __post_init__(self) -> None:
         if self.attention_backend not in (None, *ATTENTION_BACKENDS):

@@ -7,6 +7,9 @@ live in the paged pool. Logits are computed only at the last token of requests t
 
 from __future__ import annotations
 
+import logging
+import sys
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,13 +18,16 @@ from transformers import PreTrainedModel
 
 from .adapters import ModelShape
 from .attention import STEP_KWARG, StepContext, select_backend
+from .compiled import CompiledForward, cannot_compile
 from .config import EngineConfig
 from .kernels import reference
 from .kernels.metadata import AttentionMetadata
-from .kv_cache import KVCachePool, KVCacheSpec, size_pool
+from .kv_cache import KVCachePool, KVCacheSpec, blocks_for, size_pool
 from .prefix_store import Prefix
 from .request import Request
 from .scheduler import PrefixFill, SchedulerOutput
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -65,6 +71,15 @@ class ModelRunner:
         )
         self.kv_cache = KVCachePool(spec, num_blocks, self.device)
         self.backend = select_backend(config.attention_backend, self.device)
+        self.compiled: CompiledForward | None = None
+        """The compiled forward of token-id steps; None when the model runs eagerly."""
+        if not config.eager:
+            reason = cannot_compile(model, self.device, self.dtype)
+            if reason is None:
+                self.compiled = CompiledForward(model, freezing=self.device.type == "cpu")
+                self.warm_up()
+            else:
+                logger.warning("prefixserve: running the model eagerly: %s", reason)
 
     def prepare(self, scheduled: SchedulerOutput) -> ModelInput:
         """Build the packed inputs and attention metadata of one step (host side, then copy)."""
@@ -176,6 +191,11 @@ class ModelRunner:
         ``logits_indices``."""
         plan = self.backend.plan(meta, self.device)
         step = StepContext(kv_cache=self.kv_cache, backend=self.backend, plan=plan)
+        if self.compiled is not None and input_ids is not None:
+            try:
+                return self.compiled(step, input_ids, positions, logits_indices)
+            except torch._dynamo.exc.TorchDynamoException as e:
+                self._fall_back(e)
         output = self.model(
             input_ids=None if input_ids is None else input_ids[None],
             inputs_embeds=None if inputs_embeds is None else inputs_embeds[None],
@@ -185,6 +205,87 @@ class ModelRunner:
             **{STEP_KWARG: step},
         )
         return output.logits[0]
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Compile the forward for every class of step shape before serving: packed batches of
+        several tokens, and one token alone. The dummy steps write K/V into blocks that no one
+        owns yet (each owner writes its slots before it reads them)."""
+        if self.compiled is None:
+            return
+        start = time.perf_counter()
+        for i, q_lens in enumerate(WARM_UP_STEPS, 1):
+            _say(
+                f"compiling the model's forward ({i}/{len(WARM_UP_STEPS)}; at every start, "
+                "minutes on a small CPU; enforce_eager=True / --enforce-eager skips it) ..."
+            )
+            inputs = self._dummy_step(q_lens)
+            self._forward(inputs.meta, inputs.positions, inputs.logits_indices, inputs.input_ids)
+            if self.compiled is None:  # it fell back to eager, saying why
+                return
+        _say(
+            f"compiled the model's forward: {self.compiled.num_graphs} graphs in "
+            f"{time.perf_counter() - start:.1f} s"
+        )
+
+    def _dummy_step(self, q_lens: tuple[int, ...]) -> ModelInput:
+        """A step of fresh requests with ``q_lens`` tokens each, in the pool's first blocks."""
+        bs, first = self.block_size, 0
+        tables: list[list[int]] = []
+        slots: list[np.ndarray] = []
+        positions: list[np.ndarray] = []
+        for n in q_lens:
+            tables.append(list(range(first, first + blocks_for(n, bs))))
+            first += len(tables[-1])
+            slots.append(np.asarray(tables[-1])[np.arange(n) // bs] * bs + np.arange(n) % bs)
+            positions.append(np.arange(n))
+        cu_q = np.cumsum([0, *q_lens])
+        meta = AttentionMetadata(
+            cu_q_lens=torch.tensor(cu_q, dtype=torch.int32),
+            own_lens=torch.tensor(q_lens, dtype=torch.int32),
+            block_tables=_pad_tables(tables),
+            slot_mapping=torch.from_numpy(np.concatenate(slots).astype(np.int64)),
+            prefix_index=torch.full((len(q_lens),), -1, dtype=torch.int32),
+            prefix_lens=torch.zeros((0,), dtype=torch.int32),
+            prefix_block_tables=_pad_tables([]),
+            block_size=bs,
+            max_q_len=max(q_lens),
+        )
+        return ModelInput(
+            input_ids=torch.zeros(int(cu_q[-1]), dtype=torch.int64, device=self.device),
+            positions=torch.from_numpy(np.concatenate(positions)).to(self.device),
+            meta=meta,
+            logits_indices=torch.tensor(cu_q[1:] - 1, dtype=torch.int64, device=self.device),
+            sampling_requests=[],
+        )
+
+    def _fall_back(self, error: BaseException) -> None:
+        """Run eagerly from now on, saying why once."""
+        logger.warning(
+            "prefixserve: the model's forward failed to compile; running it eagerly from now on "
+            "(correct, but slower). The cause: %s",
+            _first_line(error),
+        )
+        self.compiled = None
+
+
+def _say(message: str) -> None:
+    """Progress of long start-up work, on stderr whether or not logging is configured."""
+    print(f"prefixserve: {message}", file=sys.stderr, flush=True)
+
+
+WARM_UP_STEPS = ((3, 2, 2), (1,))
+"""Token counts of the warm-up steps' requests: one of each compiled shape class."""
+
+
+def _first_line(error: BaseException, limit: int = 400) -> str:
+    """``Type: first line of its message`` of the error's root cause (dynamo wraps the errors
+    of compilers), cut at ``limit`` characters (compile errors run long)."""
+    while (cause := getattr(error, "inner_exception", None) or error.__cause__) is not None:
+        error = cause
+    lines = str(error).strip().splitlines()
+    text = f"{type(error).__name__}: {lines[0] if lines else ''}"
+    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def _pad_tables(tables: list[list[int]]) -> torch.Tensor:

@@ -13,6 +13,10 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
+# Compiling costs every engine a warm-up of 30 s or more on two cores: the suite's engines run
+# eagerly unless a test asks for compiled steps (tests/test_compile.py) or the run does
+# (PREFIXSERVE_ENFORCE_EAGER=0 pytest ...: the default, compiled path).
+os.environ.setdefault("PREFIXSERVE_ENFORCE_EAGER", "1")
 
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -30,7 +30,7 @@ def test_unknown_options_are_named():
 def test_every_option_has_a_docstring_and_its_dataclass_default():
     names = [o.name for o in engine_options()]
     fields = [f.name for s in SECTIONS.values() for f in dataclasses.fields(s)]
-    assert names == [*fields, "attention_backend"]
+    assert names == [*fields, "attention_backend", "enforce_eager"]
     for option in engine_options():
         assert option.help, f"{option.name} has no docstring"
     assert {o.name: o.default for o in engine_options()}["long_prefill_token_threshold"] == 128
@@ -51,3 +51,21 @@ def test_serve_flags_are_generated_from_the_options():
     assert config == EngineConfig.from_kwargs(
         block_size=32, long_prefill_token_threshold=None, cpu_kv_memory_gib=2.0
     )
+
+
+def test_enforce_eager_flag_and_environment(monkeypatch):
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
+    options = {o.name: o for o in engine_options()}
+    assert options["enforce_eager"].default is None and options["enforce_eager"].help
+    for argv, want in (([], None), (["--enforce-eager"], True), (["--no-enforce-eager"], False)):
+        args = serve.parse_args(argv)
+        assert args.enforce_eager is want
+        config = EngineConfig.from_kwargs(**{o: getattr(args, o) for o in options})
+        assert config.enforce_eager is want
+    monkeypatch.setenv("PREFIXSERVE_ENFORCE_EAGER", "0")
+    assert not EngineConfig().eager and EngineConfig.from_kwargs(enforce_eager=True).eager
+    monkeypatch.setenv("PREFIXSERVE_ENFORCE_EAGER", "1")
+    assert EngineConfig().eager and not EngineConfig(enforce_eager=False).eager
+    monkeypatch.setenv("PREFIXSERVE_ENFORCE_EAGER", "yes")
+    with pytest.raises(ValueError, match="PREFIXSERVE_ENFORCE_EAGER must be 0 or 1, got 'yes'"):
+        _ = EngineConfig().eager

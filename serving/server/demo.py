@@ -155,13 +155,20 @@ async def _run_batch(
     )
 
 
-def run_demo(model: str | None, dtype: str, max_new_tokens: int, adapters_dir: Path | None) -> int:
+def run_demo(
+    model: str | None,
+    dtype: str,
+    max_new_tokens: int,
+    adapters_dir: Path | None,
+    compiled: bool = False,
+) -> int:
     root = adapters_dir or EXAMPLES
     keys = {name: f"demo-{name}-{secrets.token_hex(8)}" for name in ("acme", "globex", "ops")}
     api_keys = ApiKeys.parse(
         f"acme {keys['acme']}\nglobex {keys['globex']}\nops {keys['ops']} admin", "demo keys"
     )
-    engine = EngineConfig.from_kwargs(model=model, dtype=dtype)
+    # A dozen short answers: compiling (minutes on a small CPU) would cost more than it saves.
+    engine = EngineConfig.from_kwargs(model=model, dtype=dtype, enforce_eager=not compiled)
     config = ServerConfig(engine, port=0, api_keys=api_keys)
     _say(
         "prefixserve demo: starting a gRPC server on a free local port and loading the model "

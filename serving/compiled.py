@@ -1,0 +1,154 @@
+"""The model's forward under ``torch.compile``, with our attention as one opaque op.
+
+Dynamo traces transformers' modeling code around the attention, and Inductor fuses it (on CPU
+with the linear weights prepacked: ``freezing``). The attention itself, whose plan is built with
+Python on the host every step, stays out of the graph: each layer calls the custom op
+``prefixserve::attention(query, key, value, layer_idx, scale)``, which writes the step's K/V
+into the paged pool and attends. Its eager implementation finds the step's
+:class:`~prefixserve.attention.StepContext` in the *forward context* that
+:meth:`CompiledForward.__call__` sets around the compiled call (as vLLM's ``unified_attention``
+does): a graph cannot carry a Python plan as an input, so the context lives only for the length
+of one call, in one place, and the op refuses to run outside it.
+
+The token dimension varies every step: it is marked dynamic, so one graph serves every packed
+batch of two or more tokens, and one more serves single-token steps (PyTorch specializes sizes 0
+and 1). The logits rows are padded to at least two, so their count never adds a graph.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from .attention import StepContext
+
+_step: ContextVar[StepContext | None] = ContextVar("prefixserve_step", default=None)
+"""The forward context: the step whose compiled forward runs in this thread, set only around it
+(a context variable, so engines stepping in different threads do not see each other's)."""
+
+
+@contextmanager
+def forward_context(step: StepContext) -> Iterator[None]:
+    """Make ``step`` the one the attention op reads while the compiled forward runs."""
+    token = _step.set(step)
+    try:
+        yield
+    finally:
+        _step.reset(token)
+
+
+@torch.library.custom_op("prefixserve::attention", mutates_args=())
+def attention_op(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer_idx: int, scale: float
+) -> torch.Tensor:
+    """Write ``key, value [T, Hkv, D]`` into layer ``layer_idx`` of the pool, then attend with
+    ``query [T, Hq, D]`` -> ``[T, Hq, D]`` contiguous. The pool write is a side effect the graph
+    does not see; it cannot be reordered, because each layer's input depends on the previous
+    layer's output."""
+    step = _step.get()
+    if step is None:
+        raise RuntimeError(
+            "prefixserve::attention runs only inside a compiled prefixserve forward "
+            "(no step context is set)"
+        )
+    k_cache, v_cache = step.kv_cache.layer(layer_idx)
+    step.backend.write_kv(key, value, k_cache, v_cache, step.plan)
+    return step.backend.attend(query, k_cache, v_cache, step.plan, scale).contiguous()
+
+
+@attention_op.register_fake
+def _attention_fake(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer_idx: int, scale: float
+) -> torch.Tensor:
+    return query.new_empty(query.shape)
+
+
+def cannot_compile(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why the model's forward is not compiled here, or None: compiled steps are built and
+    measured for CPU in fp32 and bf16; bitsandbytes layers break the graph."""
+    if getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None:
+        return "bitsandbytes-quantized layers do not compile into one graph"
+    if device.type != "cpu":
+        return f"compiled steps are built for the CPU so far, not for {device.type}"
+    if dtype not in (torch.float32, torch.bfloat16):
+        return f"compiled CPU steps support float32 and bfloat16, not {dtype}"
+    return None
+
+
+class CompiledForward:
+    """``(input_ids [T], positions [T], logits_indices [R]) -> logits [R, V]`` through the
+    compiled model; ``T`` and ``R`` vary from step to step without recompiling.
+
+    ``R`` is padded to at least 2 rows (at index 0; the extra rows are dropped),
+    so that a step sampling one request or none reuses the graph of many; ``T = 1`` (one request
+    decoding alone) gets its own graph. :attr:`num_graphs` counts the graphs compiled."""
+
+    def __init__(self, model: torch.nn.Module, freezing: bool) -> None:
+        self.model = model
+        self.freezing = freezing
+        self.num_graphs = 0
+        """Graphs Inductor compiled so far (each new shape class or guard failure adds one)."""
+        self._compiled = torch.compile(
+            _own_code(_model_step), backend=self._inductor, fullgraph=True
+        )
+
+    def _inductor(self, graph: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+        from torch._inductor.compile_fx import compile_fx
+
+        self.num_graphs += 1
+        return compile_fx(graph, example_inputs)
+
+    def __call__(
+        self,
+        step: StepContext,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        logits_indices: torch.Tensor,
+    ) -> torch.Tensor:
+        num_rows = len(logits_indices)
+        if num_rows < MIN_ROWS:
+            pad = logits_indices.new_zeros(MIN_ROWS - num_rows)
+            logits_indices = torch.cat([logits_indices, pad])
+        if len(input_ids) > 1:
+            torch._dynamo.mark_dynamic(input_ids, 0)
+            torch._dynamo.mark_dynamic(positions, 0)
+        torch._dynamo.mark_dynamic(logits_indices, 0)
+        # Dynamo reads ``freezing`` while tracing (parameters become constants) and Inductor
+        # while compiling: set for the length of the call, not for the process (~50 us a step).
+        with forward_context(step), torch._inductor.config.patch(freezing=self.freezing):
+            logits = self._compiled(self.model, input_ids, positions, logits_indices)
+        return logits[:num_rows]
+
+
+def _model_step(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    positions: torch.Tensor,
+    logits_indices: torch.Tensor,
+) -> torch.Tensor:
+    """The function compiled: one packed forward, logits at ``logits_indices``."""
+    output = model(
+        input_ids=input_ids[None],
+        position_ids=positions[None],
+        logits_to_keep=logits_indices,
+        use_cache=False,
+    )
+    return output.logits[0]
+
+
+def _own_code(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` with a code object of its own. Dynamo keeps its graphs, and counts recompiles
+    against its limit, per code object: every engine in a process compiles its own copy, so that
+    one engine's graphs are neither tried (guards) nor counted for another's."""
+    code = fn.__code__.replace()
+    return types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
+MIN_ROWS = 2
+"""Logits rows computed at least (sizes 0 and 1 would each compile a graph of their own)."""
