@@ -15,23 +15,20 @@ loaded without a compiler. The compiler is ``$CXX`` or ``c++`` (g++ or clang).
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
-import fcntl
 import functools
 import hashlib
 import os
 import platform
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from ..default_model import cache_root
+from ..startup import exclusive_lock, say
 
 SOURCE_DIR = Path(__file__).resolve().parents[1] / "csrc"
 """``csrc/`` of the source tree, or ``prefixserve/csrc`` of an installed package."""
@@ -89,7 +86,9 @@ def _build_and_load() -> Path:
     library = target / LIBRARY_NAME
     if not library.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
-        with _exclusive_lock(target.parent / f".{target.name}.lock"):
+        with exclusive_lock(
+            target.parent / f".{target.name}.lock", "building the native CPU attention op"
+        ):
             if not library.is_file():
                 _build(isas, target)
     try:
@@ -124,7 +123,7 @@ def _build(isas: tuple[str, ...], target: Path) -> None:
     compiler = os.environ.get("CXX") or "c++"
     if shutil.which(compiler) is None:
         raise NativeBuildError(f"no C++ compiler ({compiler!r} is not on PATH; set $CXX)")
-    _say(f"building the native CPU attention op (once, ~{EXPECTED_BUILD_SECONDS} s) ...")
+    say(f"building the native CPU attention op (once, ~{EXPECTED_BUILD_SECONDS} s) ...")
     start = time.perf_counter()
     scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
@@ -134,7 +133,7 @@ def _build(isas: tuple[str, ...], target: Path) -> None:
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
-    _say(f"native CPU attention op ready in {target} ({time.perf_counter() - start:.0f} s)")
+    say(f"native CPU attention op ready in {target} ({time.perf_counter() - start:.0f} s)")
 
 
 def _compile(compiler: str, isas: tuple[str, ...], out_dir: Path) -> list[Path]:
@@ -179,22 +178,3 @@ def _run(command: list[str]) -> None:
     if result.returncode != 0:
         tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-20:])
         raise NativeBuildError(f"`{' '.join(command[:2])} ...` failed:\n{tail}")
-
-
-def _say(message: str) -> None:
-    print(f"prefixserve: {message}", file=sys.stderr, flush=True)
-
-
-@contextlib.contextmanager
-def _exclusive_lock(path: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on ``path`` (released by the kernel if this process dies)."""
-    with open(path, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            _say("waiting for another process that is building the native CPU attention op ...")
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)

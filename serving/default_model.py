@@ -8,20 +8,18 @@ cached fp32 directory that any transformers 5 reader loads in about a second, wi
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import importlib.util
 import json
 import mmap
 import os
 import shutil
 import struct
-import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from .startup import exclusive_lock, say
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -80,11 +78,11 @@ def default_model_dir() -> Path:
         return target
     source = gguf_path()
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(target.parent / f".{DIR_NAME}.lock"):
+    with exclusive_lock(target.parent / f".{DIR_NAME}.lock", "preparing the default model"):
         if (target / MARKER_FILE).is_file():
             return target
         _discard_leftovers(target)
-        _say(f"preparing the default model ({MODEL_NAME}) once into {target} ...")
+        say(f"preparing the default model ({MODEL_NAME}) once into {target} ...")
         start = time.perf_counter()
         scratch = Path(tempfile.mkdtemp(prefix=f".{DIR_NAME}.tmp-", dir=target.parent))
         try:
@@ -93,7 +91,7 @@ def default_model_dir() -> Path:
         except BaseException:
             shutil.rmtree(scratch, ignore_errors=True)
             raise
-        _say(f"default model ready ({time.perf_counter() - start:.0f} s)")
+        say(f"default model ready ({time.perf_counter() - start:.0f} s)")
     return target
 
 
@@ -106,13 +104,13 @@ def convert_gguf(source: Path, out_dir: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    _say("reading and dequantizing the GGUF weights")
+    say("reading and dequantizing the GGUF weights")
     quantized = AutoModelForCausalLM.from_pretrained(
         source.parent, gguf_file=source.name, dtype=torch.float32
     )
     tokenizer = build_tokenizer(read_gguf_metadata(source))
     plain = _plain_copy(quantized, tokenizer)
-    _say("writing the converted model")
+    say("writing the converted model")
     plain.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir, save_jinja_files=False)
     config = json.loads((out_dir / "config.json").read_text()) | {"rope_theta": ROPE_THETA}
@@ -223,7 +221,7 @@ def _verify(out_dir: Path, quantized: Any, tokenizer: Any) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _say("checking the converted model against the GGUF")
+    say("checking the converted model against the GGUF")
     reloaded_tokenizer = AutoTokenizer.from_pretrained(out_dir)
     text = "The capital of France is"
     if reloaded_tokenizer(text)["input_ids"] != tokenizer(text)["input_ids"]:
@@ -244,22 +242,3 @@ def _discard_leftovers(target: Path) -> None:
         shutil.rmtree(scratch, ignore_errors=True)
     if target.exists():
         shutil.rmtree(target)
-
-
-@contextlib.contextmanager
-def _exclusive_lock(path: Path) -> Iterator[None]:
-    """An exclusive `flock` on `path`, saying so on stderr if another process holds it."""
-    with open(path, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            _say("waiting for another process that is preparing the default model ...")
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _say(message: str) -> None:
-    print(f"prefixserve: {message}", file=sys.stderr, flush=True)

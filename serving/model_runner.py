@@ -8,7 +8,6 @@ live in the paged pool. Logits are computed only at the last token of requests t
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from dataclasses import dataclass
 
@@ -26,6 +25,7 @@ from .kv_cache import KVCachePool, KVCacheSpec, blocks_for, size_pool
 from .prefix_store import Prefix
 from .request import Request
 from .scheduler import PrefixFill, SchedulerOutput
+from .startup import say
 
 logger = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ class ModelRunner:
             return
         start = time.perf_counter()
         for i, q_lens in enumerate(WARM_UP_STEPS, 1):
-            _say(
+            say(
                 f"compiling the model's forward ({i}/{len(WARM_UP_STEPS)}; at every start, "
                 "minutes on a small CPU; enforce_eager=True / --enforce-eager skips it) ..."
             )
@@ -223,7 +223,7 @@ class ModelRunner:
             self._forward(inputs.meta, inputs.positions, inputs.logits_indices, inputs.input_ids)
             if self.compiled is None:  # it fell back to eager, saying why
                 return
-        _say(
+        say(
             f"compiled the model's forward: {self.compiled.num_graphs} graphs in "
             f"{time.perf_counter() - start:.1f} s"
         )
@@ -267,11 +267,6 @@ class ModelRunner:
             _first_line(error),
         )
         self.compiled = None
-
-
-def _say(message: str) -> None:
-    """Progress of long start-up work, on stderr whether or not logging is configured."""
-    print(f"prefixserve: {message}", file=sys.stderr, flush=True)
 
 
 WARM_UP_STEPS = ((3, 2, 2), (1,))
