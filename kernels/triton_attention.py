@@ -24,11 +24,19 @@ from .metadata import AttentionMetadata
 from .triton_cascade import grouped_decode_attention
 from .triton_common import check_index, check_kv_cache, check_tokens
 from .triton_decode import decode_attention
-from .triton_kv_write import write_kv
+from .triton_kv_write import launch_write_kv, write_kv
 from .triton_plan import DispatchRule, StepPlan, plan_step, specialize
 from .triton_prefill import prefill_attention
 
-__all__ = ["DispatchRule", "StepPlan", "plan_step", "prefix_paged_attention", "write_kv"]
+__all__ = [
+    "DispatchRule",
+    "StepPlan",
+    "launch_write_kv",
+    "plan_step",
+    "prefix_paged_attention",
+    "run_planned",
+    "write_kv",
+]
 
 
 def _check_plan(query: torch.Tensor, k_cache: torch.Tensor, plan: StepPlan) -> None:
@@ -91,6 +99,14 @@ def prefix_paged_attention(
     if not plan.specialized:  # first layer of the step: fill in the model's shape
         specialize(plan, query.shape[1], k_cache.shape[2], query.shape[2])
     _check_plan(query, k_cache, plan)
+    return run_planned(query, k_cache, v_cache, plan, scale)
+
+
+def run_planned(
+    query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: StepPlan, scale: float
+) -> torch.Tensor:
+    """:func:`prefix_paged_attention` without its checks, for a finished ``plan`` of these
+    shapes (the engine's backend plans knowing the model; its layers only launch)."""
     if query.shape[0] == 0:
         return torch.empty_like(query)
     if plan.mode == "prefill":

@@ -76,9 +76,21 @@ def write_kv(
         raise ValueError(
             f"k_cache strides {k_cache.stride()} != v_cache strides {v_cache.stride()}"
         )
+    launch_write_kv(key, value, k_cache, v_cache, slot_mapping)
+
+
+def launch_write_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """:func:`write_kv` without its checks (the engine's layers, whose shapes were planned)."""
     num_tokens = key.shape[0]
     if num_tokens == 0:
         return
+    num_kv_heads = k_cache.shape[2]
     _write_kv_kernel[(num_tokens,)](
         key,
         value,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 from transformers import AttentionInterface
@@ -26,14 +26,38 @@ ATTN_IMPLEMENTATION = "prefixserve"
 STEP_KWARG = "prefixserve_step"
 
 
-class AttentionBackend(Protocol):
-    """Computes prefix-augmented paged attention for a packed step."""
+@dataclass(frozen=True, slots=True)
+class AttentionShape:
+    """The model's attention dimensions; a backend is built knowing them, so that its
+    :meth:`~AttentionBackend.plan` returns a finished plan and its layers check nothing."""
+
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    def __post_init__(self) -> None:
+        if self.num_kv_heads < 1 or self.num_q_heads % self.num_kv_heads:
+            raise ValueError(
+                f"{self.num_q_heads} query heads are not a multiple of {self.num_kv_heads} kv heads"
+            )
+
+
+PlanT = TypeVar("PlanT")
+
+
+class AttentionBackend(Protocol[PlanT]):
+    """Computes prefix-augmented paged attention for a packed step, in two phases: ``plan``
+    once per step on the host (every decision, every device copy), then ``write_kv`` and
+    ``attend`` per layer, which only launch work. ``PlanT`` is the backend's plan type."""
 
     name: str
+    shape: AttentionShape
+    device: torch.device
 
-    def plan(self, meta: AttentionMetadata, device: torch.device) -> Any:
-        """Layer-independent preparation, once per step, from host-side ``meta``; the plan
-        holds whatever the layers need on ``device`` (including the slot mapping)."""
+    def plan(self, meta: AttentionMetadata) -> PlanT:
+        """The step's finished plan from host-side ``meta``: everything the layers need on the
+        backend's device (the slot mapping included)."""
+        ...
 
     def write_kv(
         self,
@@ -41,27 +65,33 @@ class AttentionBackend(Protocol):
         value: torch.Tensor,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
-        plan: Any,
+        plan: PlanT,
     ) -> None:
         """Store this step's ``key, value [T, Hkv, D]`` in the pool."""
+        ...
 
     def attend(
         self,
         query: torch.Tensor,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
-        plan: Any,
+        plan: PlanT,
         scale: float,
     ) -> torch.Tensor:
         """``query [T, Hq, D]`` -> ``[T, Hq, D]``."""
+        ...
 
 
 class TorchBackend:
-    """The PyTorch reference (gather + SDPA); the CPU path."""
+    """The PyTorch reference (gather + SDPA): the oracle, and the CPU fallback."""
 
     name = "torch"
 
-    def plan(self, meta: AttentionMetadata, device: torch.device) -> reference.GatherPlan:
+    def __init__(self, shape: AttentionShape, device: torch.device) -> None:
+        self.shape, self.device = shape, device
+
+    def plan(self, meta: AttentionMetadata) -> reference.GatherPlan:
+        device = self.device
         return reference.build_gather_plan(meta.to(device) if device.type != "cpu" else meta)
 
     def write_kv(
@@ -85,7 +115,9 @@ class TorchBackend:
         return reference.paged_prefix_attention(query, k_cache, v_cache, plan, scale)
 
 
-def select_backend(requested: str | None, device: torch.device) -> AttentionBackend:
+def select_backend(
+    requested: str | None, device: torch.device, shape: AttentionShape
+) -> AttentionBackend[Any]:
     """``requested`` or $PREFIXSERVE_ATTENTION, else Triton on CUDA and on CPU the native op
     (``cpu``; the PyTorch reference, with one warning, where it cannot be built). Triton on CPU
     runs only under the Triton interpreter (slow; for tests), which the user turns on with
@@ -98,9 +130,9 @@ def select_backend(requested: str | None, device: torch.device) -> AttentionBack
             raise ValueError(f"the 'cpu' attention backend runs on the CPU, not on {device}")
         from .cpu_backend import NativeCPUBackend, native_or_reference
 
-        return native_or_reference() if name is None else NativeCPUBackend()
+        return native_or_reference(shape) if name is None else NativeCPUBackend(shape)
     if name == "torch":
-        return TorchBackend()
+        return TorchBackend(shape, device)
     if name == "triton":
         if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(
@@ -110,17 +142,17 @@ def select_backend(requested: str | None, device: torch.device) -> AttentionBack
             )
         from .triton_backend import TritonBackend
 
-        return TritonBackend()
+        return TritonBackend(shape, device)
     raise ValueError(f"PREFIXSERVE_ATTENTION must be 'cpu', 'torch' or 'triton', got {name!r}")
 
 
 @dataclass(slots=True)
-class StepContext:
+class StepContext(Generic[PlanT]):
     """Everything a layer's attention call needs for this step."""
 
     kv_cache: KVCachePool
-    backend: AttentionBackend
-    plan: Any
+    backend: AttentionBackend[PlanT]
+    plan: PlanT
 
 
 def prefixserve_attention(
@@ -137,7 +169,7 @@ def prefixserve_attention(
     (RoPE applied) -> ``([1, T, Hq, D], None)``."""
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     q, k, v = query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1)
-    step: StepContext | None = kwargs.get(STEP_KWARG)
+    step: StepContext[Any] | None = kwargs.get(STEP_KWARG)
     if step is None:
         # The compiled forward: one opaque op per layer; the step comes from its forward context.
         out = attention_op(q, k, v, module.layer_idx, scale)

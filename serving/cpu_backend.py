@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import functools
 import warnings
+from typing import Any
 
 import torch
 
-from .attention import AttentionBackend, TorchBackend
+from .attention import AttentionBackend, AttentionShape, TorchBackend
 from .kernels import cpu_attention, reference
 from .kernels.cpu_build import NativeBuildError
 from .kernels.cpu_plan import CPUStepPlan, plan_cpu_step
@@ -30,17 +31,19 @@ class NativeCPUBackend:
     """Prefill, decode and grouped shared-prefix decode in one native op per layer."""
 
     name = "cpu"
+    device = torch.device("cpu")
 
-    def __init__(self, prefix_mode: str = "auto") -> None:
+    def __init__(self, shape: AttentionShape, prefix_mode: str = "auto") -> None:
         """``prefix_mode``: ``auto`` (the dispatch rule of
         :func:`~prefixserve.kernels.cpu_plan.prefer_grouped`), or ``plain`` / ``grouped``
         forced. Raises :class:`NativeBuildError` where the op cannot be built or loaded."""
+        if prefix_mode not in ("auto", "plain", "grouped"):
+            raise ValueError(f"prefix_mode must be auto, plain or grouped, got {prefix_mode!r}")
+        self.shape = shape
         self.prefix_mode = prefix_mode
         self.isa = cpu_attention.default_isa()
 
-    def plan(self, meta: AttentionMetadata, device: torch.device) -> CPUStepPlan:
-        if device.type != "cpu":
-            raise ValueError(f"the native CPU attention backend runs on CPU tensors, not {device}")
+    def plan(self, meta: AttentionMetadata) -> CPUStepPlan:
         return plan_cpu_step(meta, self.isa, prefix_mode=self.prefix_mode)
 
     def write_kv(
@@ -64,14 +67,14 @@ class NativeCPUBackend:
         return cpu_attention.paged_prefix_attention(query, k_cache, v_cache, plan, scale)
 
 
-def native_or_reference() -> AttentionBackend:
+def native_or_reference(shape: AttentionShape) -> AttentionBackend[Any]:
     """The native backend, or the PyTorch reference (with one warning per process) where the op
     cannot be built or loaded."""
     try:
-        return NativeCPUBackend()
+        return NativeCPUBackend(shape)
     except NativeBuildError as e:
         _warn_fallback(str(e))
-        return TorchBackend()
+        return TorchBackend(shape, torch.device("cpu"))
 
 
 @functools.cache

@@ -21,7 +21,7 @@ from .kv_cache import BlockAllocator, blocks_for
 from .model_loader import load_model
 from .model_runner import ModelRunner
 from .prefix_store import AdapterInfo, PrefixStore
-from .request import FinishReason, Request, RequestOutput
+from .request import FinishReason, ListPrefix, Request, RequestOutput
 from .sampler import Sampler, request_generator
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
@@ -345,12 +345,12 @@ class LLMEngine:
         return RequestOutput(
             request_id=request.request_id,
             text=request.detokenizer.text,
-            token_ids=request.output_token_ids,
+            token_ids=ListPrefix(request.token_ids, request.num_prompt_tokens),
             finished=request.is_finished,
             finish_reason=reason.value if reason is not None else None,
             delta_text=delta,
             delta_token_ids=delta_ids,
-            logprobs=list(request.logprobs) if request.params.logprobs is not None else None,
+            logprobs=ListPrefix(request.logprobs) if request.params.logprobs is not None else None,
             num_prompt_tokens=request.num_prompt_tokens,
             num_prefix_tokens=request.num_prefix_tokens,
         )

@@ -10,13 +10,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 import torch
 from transformers import PreTrainedModel
 
 from .adapters import ModelShape
-from .attention import STEP_KWARG, StepContext, select_backend
+from .attention import STEP_KWARG, AttentionShape, StepContext, select_backend
 from .compiled import CompiledForward, cannot_compile
 from .config import EngineConfig
 from .kernels import reference
@@ -70,7 +71,10 @@ class ModelRunner:
             config.cache.cpu_kv_memory_gib,
         )
         self.kv_cache = KVCachePool(spec, num_blocks, self.device)
-        self.backend = select_backend(config.attention_backend, self.device)
+        attention_shape = AttentionShape(
+            self.shape.num_heads, self.shape.num_kv_heads, self.shape.head_dim
+        )
+        self.backend = select_backend(config.attention_backend, self.device, attention_shape)
         self.compiled: CompiledForward | None = None
         """The compiled forward of token-id steps; None when the model runs eagerly."""
         if not config.eager:
@@ -82,49 +86,53 @@ class ModelRunner:
                 logger.warning("prefixserve: running the model eagerly: %s", reason)
 
     def prepare(self, scheduled: SchedulerOutput) -> ModelInput:
-        """Build the packed inputs and attention metadata of one step (host side, then copy)."""
-        bs = self.block_size
-        ids: list[int] = []
-        positions: list[np.ndarray] = []
-        slots: list[np.ndarray] = []
-        cu_q = [0]
-        own_lens: list[int] = []
-        logits_indices: list[int] = []
-        sampling: list[Request] = []
+        """Build the packed inputs and attention metadata of one step with array operations
+        (one pass over the requests to read their state), then copy them to the device."""
+        requests, bs = scheduled.requests, self.block_size
+        num = len(requests)
+        q_lens = np.asarray(scheduled.num_new_tokens, dtype=np.int64)
+        starts = np.fromiter((r.num_computed_tokens for r in requests), np.int64, num)
+        ends = starts + q_lens
         prefix_rows: dict[Prefix, int] = {}
-        prefix_index: list[int] = []
-        for request, n in zip(scheduled.requests, scheduled.num_new_tokens):
-            start = request.num_computed_tokens
-            own = np.arange(start, start + n)
-            ids.extend(request.token_ids[start : start + n])
-            positions.append(own + request.num_prefix_tokens)
-            slots.append(np.asarray(request.block_ids)[own // bs] * bs + own % bs)
-            cu_q.append(cu_q[-1] + n)
-            own_lens.append(start + n)
-            prefix = request.prefix
-            prefix_index.append(
-                -1 if prefix is None else prefix_rows.setdefault(prefix, len(prefix_rows))
-            )
-            if start + n == request.num_tokens:
-                logits_indices.append(cu_q[-1] - 1)
-                sampling.append(request)
+        prefix_index = np.fromiter(
+            (
+                -1 if r.prefix is None else prefix_rows.setdefault(r.prefix, len(prefix_rows))
+                for r in requests
+            ),
+            np.int32,
+            num,
+        )
+        prefix_lens = np.fromiter((p.num_tokens for p in prefix_rows), np.int32, len(prefix_rows))
+        cu_q = np.zeros(num + 1, dtype=np.int64)
+        np.cumsum(q_lens, out=cu_q[1:])
+        # Per token: its request, its own index, its position, the slot its K/V go to.
+        token_request = np.repeat(np.arange(num), q_lens)
+        own = np.arange(cu_q[-1]) - (cu_q[:-1] - starts)[token_request]
+        positions = own
+        if len(prefix_lens):
+            request_prefix = np.where(prefix_index >= 0, prefix_lens[prefix_index.clip(0)], 0)
+            positions = own + request_prefix[token_request]
+        block_tables = _pad_tables([r.block_ids for r in requests])
+        slots = block_tables[token_request, own // bs].astype(np.int64) * bs + own % bs
+        ids = list(chain.from_iterable(r.token_ids[s:e] for r, s, e in zip(requests, starts, ends)))
+        samples = np.flatnonzero(ends == np.fromiter((r.num_tokens for r in requests), np.int64))
         meta = AttentionMetadata(
-            cu_q_lens=torch.tensor(cu_q, dtype=torch.int32),
-            own_lens=torch.tensor(own_lens, dtype=torch.int32),
-            block_tables=_pad_tables([r.block_ids for r in scheduled.requests]),
-            slot_mapping=torch.from_numpy(np.concatenate(slots).astype(np.int64)),
-            prefix_index=torch.tensor(prefix_index, dtype=torch.int32),
-            prefix_lens=torch.tensor([p.num_tokens for p in prefix_rows], dtype=torch.int32),
-            prefix_block_tables=_pad_tables([p.block_ids for p in prefix_rows]),
+            cu_q_lens=torch.from_numpy(cu_q.astype(np.int32)),
+            own_lens=torch.from_numpy(ends.astype(np.int32)),
+            block_tables=torch.from_numpy(block_tables),
+            slot_mapping=torch.from_numpy(slots),
+            prefix_index=torch.from_numpy(prefix_index),
+            prefix_lens=torch.from_numpy(prefix_lens),
+            prefix_block_tables=torch.from_numpy(_pad_tables([p.block_ids for p in prefix_rows])),
             block_size=bs,
-            max_q_len=max(scheduled.num_new_tokens),
+            max_q_len=int(q_lens.max()),
         )
         return ModelInput(
-            input_ids=torch.tensor(ids, dtype=torch.int64, device=self.device),
-            positions=torch.from_numpy(np.concatenate(positions)).to(self.device),
+            input_ids=torch.tensor(ids, dtype=torch.int64).to(self.device),
+            positions=torch.from_numpy(positions).to(self.device),
             meta=meta,
-            logits_indices=torch.tensor(logits_indices, dtype=torch.int64, device=self.device),
-            sampling_requests=sampling,
+            logits_indices=torch.from_numpy(cu_q[1:][samples] - 1).to(self.device),
+            sampling_requests=[requests[i] for i in samples],
         )
 
     @torch.inference_mode()
@@ -160,11 +168,11 @@ class ModelRunner:
         meta = AttentionMetadata(
             cu_q_lens=torch.tensor([0, num], dtype=torch.int32),
             own_lens=torch.tensor([start + num], dtype=torch.int32),
-            block_tables=_pad_tables([prefix.block_ids]),
+            block_tables=torch.from_numpy(_pad_tables([prefix.block_ids])),
             slot_mapping=slot_mapping,
             prefix_index=torch.tensor([-1], dtype=torch.int32),
             prefix_lens=torch.zeros((0,), dtype=torch.int32),
-            prefix_block_tables=_pad_tables([]),
+            prefix_block_tables=torch.from_numpy(_pad_tables([])),
             block_size=bs,
             max_q_len=num,
         )
@@ -189,7 +197,7 @@ class ModelRunner:
     ) -> torch.Tensor:
         """One packed forward pass over host-side ``meta``; returns logits ``[R, V]`` at
         ``logits_indices``."""
-        plan = self.backend.plan(meta, self.device)
+        plan = self.backend.plan(meta)
         step = StepContext(kv_cache=self.kv_cache, backend=self.backend, plan=plan)
         if self.compiled is not None and input_ids is not None:
             try:
@@ -243,11 +251,11 @@ class ModelRunner:
         meta = AttentionMetadata(
             cu_q_lens=torch.tensor(cu_q, dtype=torch.int32),
             own_lens=torch.tensor(q_lens, dtype=torch.int32),
-            block_tables=_pad_tables(tables),
+            block_tables=torch.from_numpy(_pad_tables(tables)),
             slot_mapping=torch.from_numpy(np.concatenate(slots).astype(np.int64)),
             prefix_index=torch.full((len(q_lens),), -1, dtype=torch.int32),
             prefix_lens=torch.zeros((0,), dtype=torch.int32),
-            prefix_block_tables=_pad_tables([]),
+            prefix_block_tables=torch.from_numpy(_pad_tables([])),
             block_size=bs,
             max_q_len=max(q_lens),
         )
@@ -283,10 +291,11 @@ def _first_line(error: BaseException, limit: int = 400) -> str:
     return text if len(text) <= limit else text[:limit] + " ..."
 
 
-def _pad_tables(tables: list[list[int]]) -> torch.Tensor:
-    """Block tables as one int32 tensor ``[len(tables), max(1, longest)]``, padded with 0."""
-    width = max([len(t) for t in tables] + [1])
-    out = np.zeros((len(tables), width), dtype=np.int32)
-    for row, table in enumerate(tables):
-        out[row, : len(table)] = table
-    return torch.from_numpy(out)
+def _pad_tables(tables: list[list[int]]) -> np.ndarray:
+    """Block tables as one int32 array ``[len(tables), max(1, longest)]``, padded with 0."""
+    lens = np.fromiter(map(len, tables), np.int64, len(tables))
+    out = np.zeros((len(tables), max(1, int(lens.max(initial=0)))), dtype=np.int32)
+    out[np.arange(out.shape[1]) < lens[:, None]] = np.fromiter(
+        chain.from_iterable(tables), np.int32, int(lens.sum())
+    )
+    return out

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from itertools import islice
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 if TYPE_CHECKING:
     import torch
@@ -78,6 +80,53 @@ class Request:
         return self.status is RequestStatus.FINISHED
 
 
+T = TypeVar("T")
+
+
+class ListPrefix(Sequence[T]):
+    """The first ``stop`` items of a list that only grows, as a read-only sequence: what a
+    step's output holds of a request's tokens, taken in O(1) instead of copying them every step
+    (the list's later appends stay out of it). Equal to any sequence of the same items; pickles
+    as a plain list."""
+
+    __slots__ = ("_items", "_start", "_stop")
+
+    def __init__(self, items: list[T], start: int = 0, stop: int | None = None) -> None:
+        self._items = items
+        self._start = start
+        self._stop = len(items) if stop is None else stop
+
+    def __len__(self) -> int:
+        return self._stop - self._start
+
+    @overload
+    def __getitem__(self, index: int) -> T: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[T]: ...
+    def __getitem__(self, index: int | slice) -> T | list[T]:
+        if isinstance(index, slice):
+            return self._items[self._start : self._stop][index]
+        if not -len(self) <= index < len(self):
+            raise IndexError("index out of range")
+        return self._items[self._start + index % len(self)]
+
+    def __iter__(self) -> Iterator[T]:
+        return islice(self._items, self._start, self._stop)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (str, bytes)) or not isinstance(other, Sequence):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return repr(list(self))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return list, (list(self),)
+
+
 @dataclass(slots=True)
 class RequestOutput:
     """What the engine reports for a request after a step (cumulative, plus this step's delta)."""
@@ -85,8 +134,9 @@ class RequestOutput:
     request_id: str
     text: str
     """The whole generated text so far (stop string cut as configured)."""
-    token_ids: list[int]
-    """Every generated token id so far (new tokens only, not the prompt)."""
+    token_ids: Sequence[int]
+    """Every generated token id so far (new tokens only, not the prompt); from the engine a
+    :class:`ListPrefix` view, not a copy."""
     finished: bool
     finish_reason: str | None
     """'stop', 'length', 'abort' or 'error' once finished, else None."""
@@ -94,8 +144,8 @@ class RequestOutput:
     """Text added by this step."""
     delta_token_ids: list[int] = field(default_factory=list)
     """Token ids added by this step."""
-    logprobs: list[TokenLogprobs] | None = None
-    """Per generated token, when requested."""
+    logprobs: Sequence[TokenLogprobs] | None = None
+    """Per generated token, when requested (from the engine a :class:`ListPrefix` view)."""
     num_prompt_tokens: int = 0
     num_prefix_tokens: int = 0
     """Tokens of the adapter's prefix in front of the prompt (0 without an adapter)."""

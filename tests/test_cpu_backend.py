@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from prefixserve import LLM, SamplingParams, cpu_backend
-from prefixserve.attention import TorchBackend, select_backend
+from prefixserve.attention import AttentionShape, TorchBackend, select_backend
 from prefixserve.config import EngineConfig
 from prefixserve.cpu_backend import NativeCPUBackend
 from prefixserve.kernels import cpu_build
@@ -27,16 +27,17 @@ from peft_reference import peft_greedy
 PROMPTS = [[5, 9, 33, 7, 81], [11, 12], [40, 41, 42, 43, 44, 45, 46, 47, 48]]
 LENGTHS = {"prompt_tuning": 5, "prefix_tuning": 7, "cartridge": 17}
 NEW = 6
+SHAPE = AttentionShape(num_q_heads=4, num_kv_heads=2, head_dim=8)
 
 
 def test_default_cpu_backend_is_the_native_op(monkeypatch):
     monkeypatch.delenv("PREFIXSERVE_ATTENTION", raising=False)
     cpu_build.load_cpu_ops()  # this machine builds it: a failure here is a real failure
-    backend = select_backend(None, torch.device("cpu"))
+    backend = select_backend(None, torch.device("cpu"), SHAPE)
     assert isinstance(backend, NativeCPUBackend) and backend.name == "cpu"
-    assert select_backend("torch", torch.device("cpu")).name == "torch"
+    assert select_backend("torch", torch.device("cpu"), SHAPE).name == "torch"
     with pytest.raises(ValueError, match="runs on the CPU"):
-        select_backend("cpu", torch.device("cuda"))
+        select_backend("cpu", torch.device("cuda"), SHAPE)
     assert EngineConfig(attention_backend="cpu").attention_backend == "cpu"
     with pytest.raises(ValueError, match="'cpu', 'torch', 'triton'"):
         EngineConfig(attention_backend="native")
@@ -54,7 +55,7 @@ def test_cpu_backend_mixed_adapters_equal_references(prefix_mode, tiny_model_dir
         str(model_dir), dtype="float32", block_size=4, num_kv_blocks=128, max_num_batched_tokens=16
     )
     assert llm.engine.runner.backend.name == "cpu"
-    llm.engine.runner.backend = NativeCPUBackend(prefix_mode)
+    llm.engine.runner.backend = NativeCPUBackend(llm.engine.runner.backend.shape, prefix_mode)
     for name, path in paths.items():
         llm.load_adapter(name, path)
     batch = [(name, i) for name in [*LENGTHS, None] for i in range(len(PROMPTS))]
@@ -76,7 +77,7 @@ def test_unbuildable_op_falls_back_with_one_warning(monkeypatch):
     cpu_backend._warn_fallback.cache_clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        backends = [select_backend(None, torch.device("cpu")) for _ in range(3)]
+        backends = [select_backend(None, torch.device("cpu"), SHAPE) for _ in range(3)]
     assert all(isinstance(b, TorchBackend) for b in backends)
     assert len(caught) == 1
     assert "no C++ compiler" in str(caught[0].message)

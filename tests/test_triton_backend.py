@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from prefixserve import LLM, SamplingParams
-from prefixserve.attention import select_backend
+from prefixserve.attention import AttentionShape, select_backend
 from prefixserve.triton_backend import TritonBackend
 
 from hf_reference import hf_greedy
@@ -46,7 +46,8 @@ def test_triton_backend_mixed_adapters_equal_references(
         attention_backend="triton",
     )
     assert llm.engine.runner.backend.name == "triton"
-    llm.engine.runner.backend = TritonBackend(decode_mode)
+    runner = llm.engine.runner
+    runner.backend = TritonBackend(runner.backend.shape, runner.device, decode_mode)
     for name, path in paths.items():
         llm.load_adapter(name, path)
     batch = [(name, i) for name in [*LENGTHS, None] for i in range(len(PROMPTS))]
@@ -73,4 +74,4 @@ def test_library_never_switches_the_interpreter_on(monkeypatch):
     assert out.stdout.strip() == "None"
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
-        select_backend("triton", torch.device("cpu"))
+        select_backend("triton", torch.device("cpu"), AttentionShape(4, 2, 8))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..engine import EngineStats, Prompt
-from ..request import RequestOutput
+from ..request import ListPrefix, RequestOutput
 from ..sampler import TokenLogprobs
 from ..sampling_params import SamplingParams
 from ..server.registry import RECORD_FILE, AdapterRecord
@@ -141,7 +141,7 @@ class OutputAssembler:
             self._text += step.delta_text
             self._token_ids += step.delta_token_ids
             self._logprobs += step.logprobs or []
-            fields["text"], fields["token_ids"] = self._text, list(self._token_ids)
+            fields["text"], fields["token_ids"] = self._text, ListPrefix(self._token_ids)
             if step.logprobs is not None:
-                fields["logprobs"] = list(self._logprobs)
+                fields["logprobs"] = ListPrefix(self._logprobs)
         return ServedOutput(**fields, replica=self.replica)
