@@ -80,7 +80,8 @@ def _group_prefix_kernel(
     if UPCAST:
         q = q.to(tl.float32)
 
-    pre_len = tl.load(prefix_lens_ptr + prefix)
+    # A tile with no rows (a CUDA graph's padding) reads no key.
+    pre_len = tl.where(end > begin, tl.load(prefix_lens_ptr + prefix), 0)
     chunk = tl.cdiv(tl.cdiv(pre_len, num_splits), BLOCK_N) * BLOCK_N
     lo = split * chunk
     hi = tl.minimum(pre_len, lo + chunk)

@@ -174,7 +174,7 @@ def prefer_grouped(plain_tokens: int, grouped_tokens: int, rule: DispatchRule) -
     return saved >= rule.min_saved_fraction * plain_tokens and saved >= rule.min_saved_tokens
 
 
-def _num_splits(programs: int, max_len: int, sms: int, rule: DispatchRule) -> int:
+def num_splits_for(programs: int, max_len: int, sms: int, rule: DispatchRule) -> int:
     """KV splits for a decode launch of ``programs`` (request or row tile, kv head) programs:
     none when they already fill ``waves * sms``, else enough to, with >= ``min_split_tokens``
     keys each and at most ``max_splits``."""
@@ -245,13 +245,7 @@ def plan_step(
         raise ValueError(f"decode_mode must be auto, plain or grouped, got {decode_mode!r}")
     if meta.block_size < 1:
         raise ValueError(f"block_size must be positive, got {meta.block_size}")
-    host = HostStep(
-        q_lens=meta.q_lens.cpu().long(),
-        own_lens=meta.own_lens.cpu().long(),
-        prefix_index=meta.prefix_index.cpu().long(),
-        prefix_lens=meta.prefix_lens.cpu().long(),
-        request_prefix_lens=meta.request_prefix_lens.cpu().long(),
-    )
+    host = host_step(meta)
     if host.own_lens.numel() == 0:
         raise ValueError("a step needs at least one request")
     if torch.any(host.q_lens > host.own_lens) or torch.any(host.q_lens < 1):
@@ -267,6 +261,48 @@ def plan_step(
             raise ValueError("give all of num_q_heads, num_kv_heads and head_dim, or none")
         specialize(plan, num_q_heads, num_kv_heads, head_dim)
     return plan
+
+
+@dataclass(slots=True)
+class DecodeChoice:
+    """Plain or grouped decode for one step, and the host-side work behind the choice."""
+
+    grouped: bool
+    work: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+    """Grouped row tiles on the host: sorted requests, tile begin, tile end, tile prefix."""
+    tile_len: torch.Tensor
+    """(W,) prefix length of each row tile."""
+    kv_lens: torch.Tensor
+    """(B,) keys each request attends to (prefix + own)."""
+    tiles: TileConfig
+    stats: dict[str, int]
+
+
+def choose_decode(
+    host: HostStep, gqa: int, head_dim: int, decode_mode: str, rule: DispatchRule
+) -> DecodeChoice:
+    """Apply :func:`prefer_grouped` (or the forced ``decode_mode``) to a decode step."""
+    tiles = group_tiles(gqa, head_dim)
+    work, tile_len = _grouped_work(host.prefix_index, host.prefix_lens, tiles.block_m // gqa, tiles)
+    kv_lens = host.request_prefix_lens + host.own_lens
+    plain_tokens = int(kv_lens.sum())
+    grouped_tokens = int(tile_len.sum() + host.own_lens.sum())
+    grouped = decode_mode == "grouped" or (
+        decode_mode == "auto" and prefer_grouped(plain_tokens, grouped_tokens, rule)
+    )
+    stats = {"plain_tokens": plain_tokens, "grouped_tokens": grouped_tokens}
+    return DecodeChoice(grouped, work, tile_len, kv_lens, tiles, stats)
+
+
+def host_step(meta: AttentionMetadata) -> HostStep:
+    """The host copies the planner reads (one device-to-host copy if ``meta`` is on a GPU)."""
+    return HostStep(
+        q_lens=meta.q_lens.cpu().long(),
+        own_lens=meta.own_lens.cpu().long(),
+        prefix_index=meta.prefix_index.cpu().long(),
+        prefix_lens=meta.prefix_lens.cpu().long(),
+        request_prefix_lens=meta.request_prefix_lens.cpu().long(),
+    )
 
 
 def specialize(plan: StepPlan, num_q_heads: int, num_kv_heads: int, head_dim: int) -> None:
@@ -291,30 +327,24 @@ def specialize(plan: StepPlan, num_q_heads: int, num_kv_heads: int, head_dim: in
         return
 
     sms = num_sms(device)
-    tiles = group_tiles(gqa, head_dim)
-    work, tile_len = _grouped_work(host.prefix_index, host.prefix_lens, tiles.block_m // gqa, tiles)
-    kv_lens = host.request_prefix_lens + host.own_lens
-    plain_tokens = int(kv_lens.sum())
-    grouped_tokens = int(tile_len.sum() + host.own_lens.sum())
-    plan.stats = {"plain_tokens": plain_tokens, "grouped_tokens": grouped_tokens}
-    grouped = plan.decode_mode == "grouped" or (
-        plan.decode_mode == "auto" and prefer_grouped(plain_tokens, grouped_tokens, rule)
-    )
-    if not grouped:
+    choice = choose_decode(host, gqa, head_dim, plan.decode_mode, rule)
+    plan.stats = choice.stats
+    work, tile_len, kv_lens = choice.work, choice.tile_len, choice.kv_lens
+    if not choice.grouped:
         plan.mode = "decode"
         max_len = int(kv_lens.max())
-        plan.decode_splits = splits or _num_splits(batch * num_kv_heads, max_len, sms, rule)
+        plan.decode_splits = splits or num_splits_for(batch * num_kv_heads, max_len, sms, rule)
         parts = plan.decode_splits if plan.decode_splits > 1 else 0
     else:
         plan.mode = "grouped"
         num_tiles = work[1].numel()
         max_pre = int(tile_len.max()) if num_tiles else 0
         max_own = int(host.own_lens.max())
-        pre_splits = splits or _num_splits(num_tiles * num_kv_heads, max_pre, sms, rule)
-        own_splits = splits or _num_splits(batch * num_kv_heads, max_own, sms, rule)
+        pre_splits = splits or num_splits_for(num_tiles * num_kv_heads, max_pre, sms, rule)
+        own_splits = splits or num_splits_for(batch * num_kv_heads, max_own, sms, rule)
         sorted_reqs, begin, end, tile_prefix = (t.to(device, torch.int32) for t in work)
         plan.grouped = GroupedWork(
-            sorted_reqs, begin, end, tile_prefix, pre_splits, own_splits, tiles
+            sorted_reqs, begin, end, tile_prefix, pre_splits, own_splits, choice.tiles
         )
         parts = pre_splits + own_splits
     if parts:

@@ -70,13 +70,13 @@ def _attention_fake(
 
 
 def cannot_compile(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> str | None:
-    """Why the model's forward is not compiled here, or None: compiled steps are built and
-    measured for CPU in fp32 and bf16; bitsandbytes layers break the graph."""
+    """Why the model's forward is not compiled here, or None: bitsandbytes layers break the
+    graph; on CPU compiled steps are built and measured in fp32 and bf16."""
     if getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None:
         return "bitsandbytes-quantized layers do not compile into one graph"
-    if device.type != "cpu":
-        return f"compiled steps are built for the CPU so far, not for {device.type}"
-    if dtype not in (torch.float32, torch.bfloat16):
+    if device.type not in ("cpu", "cuda"):
+        return f"compiled steps are built for CPU and CUDA devices, not for {device.type}"
+    if device.type == "cpu" and dtype not in (torch.float32, torch.bfloat16):
         return f"compiled CPU steps support float32 and bfloat16, not {dtype}"
     return None
 

@@ -144,9 +144,10 @@ class EngineConfig:
     """'cpu' (the native op), 'torch' (the PyTorch reference) or 'triton'; None =
     $PREFIXSERVE_ATTENTION, else triton on CUDA and cpu on CPU (torch where it cannot build)."""
     enforce_eager: bool | None = None
-    """Run the model eagerly instead of under torch.compile (compiled: a warm-up of minutes at
-    start, then faster steps; models that cannot compile, e.g. bitsandbytes-quantized, run
-    eagerly anyway); None = $PREFIXSERVE_ENFORCE_EAGER (1 or 0), else compiled."""
+    """Run the model eagerly instead of under torch.compile, and on CUDA without CUDA graphs
+    (compiled: a warm-up of minutes at start on a small CPU, then faster steps; models that
+    cannot compile, e.g. bitsandbytes-quantized, run eagerly anyway);
+    None = $PREFIXSERVE_ENFORCE_EAGER (1 or 0), else compiled."""
 
     @property
     def eager(self) -> bool:
@@ -158,7 +159,15 @@ class EngineConfig:
             raise ValueError(f"PREFIXSERVE_ENFORCE_EAGER must be 0 or 1, got {env!r}")
         return env == "1"
 
+    max_cuda_graph_batch: int = 256
+    """CUDA: decode steps of up to this many requests (and max_num_seqs) replay CUDA graphs
+    captured at start for batch sizes 1, 2, 4 and every multiple of 8 (a few seconds, and some
+    device memory); 0 = no graphs. enforce_eager turns graphs off too. Needs the triton
+    attention backend."""
+
     def __post_init__(self) -> None:
+        if self.max_cuda_graph_batch < 0:
+            raise ValueError(f"max_cuda_graph_batch must be >= 0, got {self.max_cuda_graph_batch}")
         if self.attention_backend not in (None, *ATTENTION_BACKENDS):
             raise ValueError(
                 f"attention_backend must be one of {ATTENTION_BACKENDS}, "

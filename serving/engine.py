@@ -115,7 +115,7 @@ class LLMEngine:
         model, self.tokenizer, self.model_path = load_model(self.config.model)
         self.max_model_len = _max_model_len(model, self.config.model.max_model_len)
         self.eos_token_ids = _eos_token_ids(model, self.tokenizer)
-        self.runner = ModelRunner(model, self.config)
+        self.runner = ModelRunner(model, self.config, self.max_model_len)
         self.vocab_size = self.runner.shape.vocab_size
         self.allocator = BlockAllocator(self.runner.kv_cache.num_blocks)
         self.block_size = self.config.cache.block_size

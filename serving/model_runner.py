@@ -11,6 +11,7 @@ import logging
 import time
 from dataclasses import dataclass
 from itertools import chain
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ from .adapters import ModelShape
 from .attention import STEP_KWARG, AttentionShape, StepContext, select_backend
 from .compiled import CompiledForward, cannot_compile
 from .config import EngineConfig
+from .cuda_graphs import DecodeGraphs, capture_sizes
 from .kernels import reference
 from .kernels.metadata import AttentionMetadata
 from .kv_cache import KVCachePool, KVCacheSpec, blocks_for, size_pool
@@ -27,6 +29,7 @@ from .prefix_store import Prefix
 from .request import Request
 from .scheduler import PrefixFill, SchedulerOutput
 from .startup import say
+from .triton_backend import TritonBackend
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +53,11 @@ class ModelInput:
 class ModelRunner:
     """Owns the model, the KV pool and the attention backend; runs one step at a time."""
 
-    def __init__(self, model: PreTrainedModel, config: EngineConfig) -> None:
+    def __init__(
+        self, model: PreTrainedModel, config: EngineConfig, max_model_len: int | None = None
+    ) -> None:
+        """``max_model_len``: the longest sequence the engine admits (sizes CUDA graphs'
+        tables; default the model's position limit)."""
         self.model = model
         self.device = config.model.torch_device
         self.shape = ModelShape.of(model)
@@ -84,6 +91,12 @@ class ModelRunner:
                 self.warm_up()
             else:
                 logger.warning("prefixserve: running the model eagerly: %s", reason)
+        self.graphs: DecodeGraphs | None = None
+        """Decode steps replayed from CUDA graphs; None where there are none."""
+        limit = min(config.max_cuda_graph_batch, config.scheduler.max_num_seqs)
+        if self.device.type == "cuda" and not config.eager and limit > 0:
+            longest = max_model_len or model.config.get_text_config().max_position_embeddings
+            self.use_decode_graphs(capture_sizes(limit), longest)
 
     def prepare(self, scheduled: SchedulerOutput) -> ModelInput:
         """Build the packed inputs and attention metadata of one step with array operations
@@ -196,9 +209,28 @@ class ModelRunner:
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One packed forward pass over host-side ``meta``; returns logits ``[R, V]`` at
-        ``logits_indices``."""
-        plan = self.backend.plan(meta)
-        step = StepContext(kv_cache=self.kv_cache, backend=self.backend, plan=plan)
+        ``logits_indices``. A decode step in which every request samples replays a CUDA graph
+        where one fits."""
+        if (
+            self.graphs is not None
+            and input_ids is not None
+            and len(logits_indices) == meta.num_tokens == meta.num_requests
+        ):
+            logits = self.graphs.run(meta, input_ids, positions)
+            if logits is not None:
+                return logits
+        step = StepContext(self.kv_cache, self.backend, self.backend.plan(meta))
+        return self._run_model(step, positions, logits_indices, input_ids, inputs_embeds)
+
+    def _run_model(
+        self,
+        step: StepContext[Any],
+        positions: torch.Tensor,
+        logits_indices: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The model's forward over a planned step: compiled where it is, else eager."""
         if self.compiled is not None and input_ids is not None:
             try:
                 return self.compiled(step, input_ids, positions, logits_indices)
@@ -213,6 +245,47 @@ class ModelRunner:
             **{STEP_KWARG: step},
         )
         return output.logits[0]
+
+    @torch.inference_mode()
+    def use_decode_graphs(self, sizes: list[int], max_model_len: int, capture: bool = True) -> None:
+        """Serve decode steps of up to ``max(sizes)`` requests from graphs captured now, one per
+        size and decode kernel (:class:`~prefixserve.cuda_graphs.DecodeGraphs`). They need the
+        Triton backend. ``capture=False`` runs the graphs' bodies without capturing them (tests
+        of the padding and buffers on a CPU). A capture that fails leaves steps graph-free,
+        saying why once."""
+        if not isinstance(self.backend, TritonBackend):
+            logger.warning(
+                "prefixserve: no CUDA graphs: they need the triton attention backend, not %s",
+                self.backend.name,
+            )
+            return
+
+        def forward(
+            step: StepContext[Any],
+            ids: torch.Tensor,
+            positions: torch.Tensor,
+            indices: torch.Tensor,
+        ) -> torch.Tensor:
+            return self._run_model(step, positions, indices, input_ids=ids)
+
+        graphs = DecodeGraphs(
+            forward,
+            self.kv_cache,
+            self.backend,
+            sizes=sizes,
+            max_model_len=max_model_len,
+            capture=capture,
+        )
+        try:
+            graphs.capture_all()
+        except Exception as e:
+            logger.warning(
+                "prefixserve: capturing CUDA graphs failed; decode steps run without them "
+                "(correct, but slower). The cause: %s",
+                _first_line(e),
+            )
+            return
+        self.graphs = graphs
 
     @torch.inference_mode()
     def warm_up(self) -> None:
