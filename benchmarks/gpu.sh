@@ -1,21 +1,29 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one command, on a machine with CUDA torch, triton, transformers,
-# peft and pytest already installed and no network (nothing is installed: the package is put on
-# PYTHONPATH from this checkout). Results land in $OUT (default benchmarks/results/gpu):
-#   tests.log      kernel tests at GPU shapes (the `gpu` marker) and the engine on the Triton
-#                  backend with mixed adapters, against transformers and PEFT
+# peft, tokenizers, safetensors and pytest already installed and no network (nothing is
+# installed: the package is put on PYTHONPATH from this checkout). Results land in $OUT
+# (default benchmarks/results/gpu):
+#   tests.log      `gpu`-marked tests: kernels at GPU shapes, Triton decode plans in persistent
+#                  buffers, the engine capturing CUDA graphs by default (and eager) against
+#                  transformers and PEFT, plus the engine on the Triton backend with mixed adapters
 #   kernels.json   decode bandwidth vs copy bandwidth, grouped vs plain decode, prefill vs SDPA
 #                  (+ bench.log with the tables)
+#   e2e.json       an 8B-shaped bf16 model (Llama-3-8B's config, random weights): eager vs
+#                  compiled vs compiled + CUDA graphs, 64 zipf adapters vs one, vs transformers
+#                  (+ e2e.log with the table). E2E_LAYERS=8 runs a shorter model when time is short.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu}
 mkdir -p "$OUT"
 shim=$(mktemp -d)
 mkdir -p "$shim/prefixserve"
-ln -s "$PWD"/serving/*.py "$shim/prefixserve/"
+ln -s "$PWD"/serving/* "$shim/prefixserve/"
 ln -s "$PWD/kernels" "$shim/prefixserve/kernels"
 export PYTHONPATH="$shim${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import prefixserve.kernels, torch, triton; print('prefixserve from', prefixserve.kernels.__file__, '| torch', torch.__version__, '| triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
-python3 -m pytest -q -p no:cacheprovider tests/kernels tests/test_triton_backend.py 2>&1 | tee "$OUT/tests.log"
+python3 -m pytest -q -p no:cacheprovider tests/kernels tests/test_triton_backend.py \
+  tests/test_cuda_graphs.py 2>&1 | tee "$OUT/tests.log"
 python3 benchmarks/kernels/bench_attention.py --out "$OUT/kernels.json" 2>&1 | tee "$OUT/bench.log"
+python3 benchmarks/bench_gpu_e2e.py ${E2E_LAYERS:+--layers "$E2E_LAYERS"} \
+  --out "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.log"

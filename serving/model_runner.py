@@ -82,6 +82,8 @@ class ModelRunner:
             self.shape.num_heads, self.shape.num_kv_heads, self.shape.head_dim
         )
         self.backend = select_backend(config.attention_backend, self.device, attention_shape)
+        self.graphs: DecodeGraphs | None = None
+        """Decode steps replayed from CUDA graphs; None where there are none."""
         self.compiled: CompiledForward | None = None
         """The compiled forward of token-id steps; None when the model runs eagerly."""
         if not config.eager:
@@ -91,8 +93,6 @@ class ModelRunner:
                 self.warm_up()
             else:
                 logger.warning("prefixserve: running the model eagerly: %s", reason)
-        self.graphs: DecodeGraphs | None = None
-        """Decode steps replayed from CUDA graphs; None where there are none."""
         limit = min(config.max_cuda_graph_batch, config.scheduler.max_num_seqs)
         if self.device.type == "cuda" and not config.eager and limit > 0:
             longest = max_model_len or model.config.get_text_config().max_position_embeddings
