@@ -10,9 +10,12 @@ into the paged pool and attends. Its eager implementation finds the step's
 does): a graph cannot carry a Python plan as an input, so the context lives only for the length
 of one call, in one place, and the op refuses to run outside it.
 
-The token dimension varies every step: it is marked dynamic, so one graph serves every packed
-batch of two or more tokens, and one more serves single-token steps (PyTorch specializes sizes 0
-and 1). The logits rows are padded to at least two, so their count never adds a graph.
+The token dimension varies every step: it is marked dynamic, so one graph serves every step.
+PyTorch specializes sizes 0 and 1, so a step of one token (one request decoding alone) is padded
+to two (the attention op leaves the padding token out: it writes no K/V and attends to nothing),
+and the logits rows to at least two. One graph instead of two halves the warm-up, and costs a
+lone decode nothing: at one or two rows a step streams every weight once either way, and the
+packed kernels of the dynamic graph are as fast at two rows as those of a static one at one.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -28,19 +32,28 @@ import torch
 if TYPE_CHECKING:
     from .attention import StepContext
 
-_step: ContextVar[StepContext | None] = ContextVar("prefixserve_step", default=None)
+
+@dataclass(frozen=True, slots=True)
+class _ForwardContext:
+    step: StepContext[Any]
+    num_tokens: int
+    """The step's real tokens: the forward's token rows beyond them are padding."""
+
+
+_context: ContextVar[_ForwardContext | None] = ContextVar("prefixserve_step", default=None)
 """The forward context: the step whose compiled forward runs in this thread, set only around it
 (a context variable, so engines stepping in different threads do not see each other's)."""
 
 
 @contextmanager
-def forward_context(step: StepContext) -> Iterator[None]:
-    """Make ``step`` the one the attention op reads while the compiled forward runs."""
-    token = _step.set(step)
+def forward_context(step: StepContext[Any], num_tokens: int) -> Iterator[None]:
+    """Make ``step`` (of ``num_tokens`` real tokens) the one the attention op reads while the
+    compiled forward runs."""
+    token = _context.set(_ForwardContext(step, num_tokens))
     try:
         yield
     finally:
-        _step.reset(token)
+        _context.reset(token)
 
 
 @torch.library.custom_op("prefixserve::attention", mutates_args=())
@@ -51,15 +64,22 @@ def attention_op(
     ``query [T, Hq, D]`` -> ``[T, Hq, D]`` contiguous. The pool write is a side effect the graph
     does not see; it cannot be reordered, because each layer's input depends on the previous
     layer's output."""
-    step = _step.get()
-    if step is None:
+    context = _context.get()
+    if context is None:
         raise RuntimeError(
             "prefixserve::attention runs only inside a compiled prefixserve forward "
             "(no step context is set)"
         )
+    step, num = context.step, context.num_tokens
     k_cache, v_cache = step.kv_cache.layer(layer_idx)
-    step.backend.write_kv(key, value, k_cache, v_cache, step.plan)
-    return step.backend.attend(query, k_cache, v_cache, step.plan, scale).contiguous()
+    if num == query.shape[0]:
+        step.backend.write_kv(key, value, k_cache, v_cache, step.plan)
+        return step.backend.attend(query, k_cache, v_cache, step.plan, scale).contiguous()
+    # Padding tokens (rows num..): no K/V written, zeros out (no one reads them).
+    step.backend.write_kv(key[:num], value[:num], k_cache, v_cache, step.plan)
+    out = query.new_zeros(query.shape)
+    out[:num] = step.backend.attend(query[:num], k_cache, v_cache, step.plan, scale)
+    return out
 
 
 @attention_op.register_fake
@@ -85,9 +105,9 @@ class CompiledForward:
     """``(input_ids [T], positions [T], logits_indices [R]) -> logits [R, V]`` through the
     compiled model; ``T`` and ``R`` vary from step to step without recompiling.
 
-    ``R`` is padded to at least 2 rows (at index 0; the extra rows are dropped),
-    so that a step sampling one request or none reuses the graph of many; ``T = 1`` (one request
-    decoding alone) gets its own graph. :attr:`num_graphs` counts the graphs compiled."""
+    ``T`` and ``R`` are padded to at least 2 (a padding token, and logits rows at index 0, which
+    are dropped), so that one graph serves every step. :attr:`num_graphs` counts the graphs
+    compiled."""
 
     def __init__(self, model: torch.nn.Module, freezing: bool) -> None:
         self.model = model
@@ -106,22 +126,26 @@ class CompiledForward:
 
     def __call__(
         self,
-        step: StepContext,
+        step: StepContext[Any],
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         logits_indices: torch.Tensor,
     ) -> torch.Tensor:
-        num_rows = len(logits_indices)
+        num_tokens, num_rows = len(input_ids), len(logits_indices)
+        if num_tokens < MIN_ROWS:
+            pad = input_ids.new_zeros(MIN_ROWS - num_tokens)
+            input_ids, positions = torch.cat([input_ids, pad]), torch.cat([positions, pad])
         if num_rows < MIN_ROWS:
             pad = logits_indices.new_zeros(MIN_ROWS - num_rows)
             logits_indices = torch.cat([logits_indices, pad])
-        if len(input_ids) > 1:
-            torch._dynamo.mark_dynamic(input_ids, 0)
-            torch._dynamo.mark_dynamic(positions, 0)
-        torch._dynamo.mark_dynamic(logits_indices, 0)
+        for tensor in (input_ids, positions, logits_indices):
+            torch._dynamo.mark_dynamic(tensor, 0)
         # Dynamo reads ``freezing`` while tracing (parameters become constants) and Inductor
         # while compiling: set for the length of the call, not for the process (~50 us a step).
-        with forward_context(step), torch._inductor.config.patch(freezing=self.freezing):
+        with (
+            forward_context(step, num_tokens),
+            torch._inductor.config.patch(freezing=self.freezing),
+        ):
             logits = self._compiled(self.model, input_ids, positions, logits_indices)
         return logits[:num_rows]
 
@@ -151,4 +175,5 @@ def _own_code(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 MIN_ROWS = 2
-"""Logits rows computed at least (sizes 0 and 1 would each compile a graph of their own)."""
+"""Tokens and logits rows a step computes at least (sizes 0 and 1 would each compile a graph of
+their own)."""

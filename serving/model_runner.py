@@ -289,9 +289,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def warm_up(self) -> None:
-        """Compile the forward for every class of step shape before serving: packed batches of
-        several tokens, and one token alone. The dummy steps write K/V into blocks that no one
-        owns yet (each owner writes its slots before it reads them)."""
+        """Compile the forward before serving (one graph serves every step). The dummy step
+        writes K/V into blocks that no one owns yet (each owner writes its slots before it reads
+        them)."""
         if self.compiled is None:
             return
         start = time.perf_counter()
@@ -350,8 +350,9 @@ class ModelRunner:
         self.compiled = None
 
 
-WARM_UP_STEPS = ((3, 2, 2), (1,))
-"""Token counts of the warm-up steps' requests: one of each compiled shape class."""
+WARM_UP_STEPS = ((3, 2, 2),)
+"""Token counts of the warm-up steps' requests: one step per graph compiled (one: every step
+pads to at least two tokens)."""
 
 
 def _first_line(error: BaseException, limit: int = 400) -> str:
