@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from prefixserve.kernels.triton_plan import DispatchRule, _num_splits, plan_step
+from prefixserve.kernels.triton_plan import DispatchRule, num_splits_for, plan_step
 
 from scenarios import make_scenario
 
@@ -87,10 +87,10 @@ def test_prefill_tiles_cover_every_query_once_longest_first():
 
 def test_split_rule():
     rule = DispatchRule()
-    assert _num_splits(programs=1024, max_len=32768, sms=132, rule=rule) == 1  # batch fills the GPU
-    assert _num_splits(programs=8, max_len=200, sms=132, rule=rule) == 1  # too short to split
-    assert _num_splits(programs=8, max_len=32768, sms=132, rule=rule) == 32
-    assert _num_splits(programs=8, max_len=1024, sms=132, rule=rule) == 4
+    assert num_splits_for(programs=1024, max_len=32768, sms=132, rule=rule) == 1  # fills the GPU
+    assert num_splits_for(programs=8, max_len=200, sms=132, rule=rule) == 1  # too short
+    assert num_splits_for(programs=8, max_len=32768, sms=132, rule=rule) == 32
+    assert num_splits_for(programs=8, max_len=1024, sms=132, rule=rule) == 4
 
 
 def test_plan_rejects_bad_arguments():
