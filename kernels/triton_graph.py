@@ -117,9 +117,9 @@ class GraphPlans:
         splits past their end empty."""
         if (size, mode) not in self._splits:
             sms, rule, longest = num_sms(self.device), self.rule, self.max_model_len
-            own = num_splits_for(size * self.num_kv_heads, longest, sms, rule)
-            prefix = num_splits_for(size * self.num_kv_heads, longest, sms, rule)
-            self._splits[size, mode] = (prefix, own) if mode == "grouped" else (0, own)
+            # Prefix tiles are at most one per request: the same bound as the own parts.
+            splits = num_splits_for(size * self.num_kv_heads, longest, sms, rule)
+            self._splits[size, mode] = (splits, splits) if mode == "grouped" else (0, splits)
         return self._splits[size, mode]
 
     def plan(self, size: int, mode: str) -> StepPlan:
