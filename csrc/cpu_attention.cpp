@@ -16,31 +16,13 @@
 #include <vector>
 
 #include "cpu_attention.h"
+#include "cpu_isa.h"
 
 namespace prefixserve::cpu {
 namespace {
 
-/// Instruction sets this CPU runs, best first ("baseline" is plain x86-64 or the host's ISA).
-std::vector<std::string> cpu_isas() {
-  std::vector<std::string> isas;
-#if defined(__x86_64__)
-  __builtin_cpu_init();
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
-    isas.emplace_back("avx512");
-  }
-  if (avx2) isas.emplace_back("avx2");
-#endif
-  isas.emplace_back("baseline");
-  return isas;
-}
-
 void run_kernel(c10::string_view isa, const AttentionArgs& args) {
-  const auto supported = cpu_isas();
-  TORCH_CHECK(std::find(supported.begin(), supported.end(), isa) != supported.end(),
-              "paged_prefix_attention: instruction set '", isa, "' is not one of this CPU's (",
-              c10::Join(", ", supported), ")");
+  check_isa("paged_prefix_attention", isa);
 #if defined(__x86_64__)
   if (isa == "avx512") return avx512::paged_prefix_attention(args);
   if (isa == "avx2") return avx2::paged_prefix_attention(args);
@@ -261,7 +243,7 @@ TORCH_LIBRARY(prefixserve, m) {
       "Tensor own_lens, Tensor block_tables, Tensor prefix_index, Tensor prefix_lens, "
       "Tensor prefix_block_tables, Tensor query_tiles, Tensor prefix_tiles, "
       "Tensor prefix_tokens, float scale, str isa) -> Tensor");
-  m.def("cpu_isas() -> str[]", &prefixserve::cpu::cpu_isas);
+  m.def("cpu_isas() -> str[]", [] { return prefixserve::cpu::cpu_isas(); });
 }
 
 TORCH_LIBRARY_IMPL(prefixserve, CPU, m) {

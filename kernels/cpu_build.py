@@ -33,9 +33,10 @@ from ..startup import exclusive_lock, say
 SOURCE_DIR = Path(__file__).resolve().parents[1] / "csrc"
 """``csrc/`` of the source tree, or ``prefixserve/csrc`` of an installed package."""
 LIBRARY_NAME = "libprefixserve_cpu.so"
-REGISTRATION = "cpu_attention.cpp"
-KERNEL = "cpu_attention_kernel.cpp"
-HEADERS = ("cpu_attention.h",)
+REGISTRATIONS = ("cpu_attention.cpp", "cpu_linear.cpp")
+KERNELS = ("cpu_attention_kernel.cpp", "cpu_linear_kernel.cpp")
+"""Kernel files, each built once per instruction set."""
+HEADERS = ("cpu_attention.h", "cpu_isa.h", "cpu_linear.h")
 COMMON_FLAGS = ("-O3", "-DNDEBUG", "-std=c++20", "-fPIC", "-fopenmp", "-fvisibility=hidden")
 ISA_FLAGS: dict[str, tuple[str, ...]] = {
     "baseline": ("-DCPU_CAPABILITY=DEFAULT",),
@@ -86,9 +87,7 @@ def _build_and_load() -> Path:
     library = target / LIBRARY_NAME
     if not library.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
-        with exclusive_lock(
-            target.parent / f".{target.name}.lock", "building the native CPU attention op"
-        ):
+        with exclusive_lock(target.parent / f".{target.name}.lock", "building the native CPU ops"):
             if not library.is_file():
                 _build(isas, target)
     try:
@@ -105,7 +104,7 @@ def _isas() -> tuple[str, ...]:
 
 
 def _sources() -> list[Path]:
-    return [SOURCE_DIR / name for name in (REGISTRATION, KERNEL, *HEADERS)]
+    return [SOURCE_DIR / name for name in (*REGISTRATIONS, *KERNELS, *HEADERS)]
 
 
 def _cache_key(isas: tuple[str, ...]) -> str:
@@ -123,7 +122,7 @@ def _build(isas: tuple[str, ...], target: Path) -> None:
     compiler = os.environ.get("CXX") or "c++"
     if shutil.which(compiler) is None:
         raise NativeBuildError(f"no C++ compiler ({compiler!r} is not on PATH; set $CXX)")
-    say(f"building the native CPU attention op (once, ~{EXPECTED_BUILD_SECONDS} s) ...")
+    say(f"building the native CPU ops (once, ~{EXPECTED_BUILD_SECONDS} s) ...")
     start = time.perf_counter()
     scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
@@ -133,22 +132,26 @@ def _build(isas: tuple[str, ...], target: Path) -> None:
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
-    say(f"native CPU attention op ready in {target} ({time.perf_counter() - start:.0f} s)")
+    say(f"native CPU ops ready in {target} ({time.perf_counter() - start:.0f} s)")
 
 
 def _compile(compiler: str, isas: tuple[str, ...], out_dir: Path) -> list[Path]:
-    """Compile the registration and the kernel once per ISA, in parallel. Returns the objects
-    baseline first: where objects share an inline function the linker keeps the first copy, so
-    code common to every ISA is never taken from the AVX2 or AVX-512 build."""
+    """Compile the registrations, and each kernel file once per ISA, in parallel. Returns the
+    objects baseline first: where objects share an inline function the linker keeps the first
+    copy, so code common to every ISA is never taken from the AVX2 or AVX-512 build."""
     from torch.utils import cpp_extension  # imports setuptools: only when building
 
     includes = [f"-I{d}" for d in (SOURCE_DIR, *cpp_extension.include_paths())]
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
     base = [compiler, *COMMON_FLAGS, abi, *includes]
-    jobs = {out_dir / "registration.o": [*base, "-c", str(SOURCE_DIR / REGISTRATION)]}
+    jobs = {
+        out_dir / f"{Path(name).stem}.o": [*base, "-c", str(SOURCE_DIR / name)]
+        for name in REGISTRATIONS
+    }
     for isa in isas:
-        kernel = [*ISA_FLAGS[isa], f"-DPREFIXSERVE_ISA={isa}", "-c", str(SOURCE_DIR / KERNEL)]
-        jobs[out_dir / f"kernel_{isa}.o"] = [*base, *kernel]
+        for name in KERNELS:
+            kernel = [*ISA_FLAGS[isa], f"-DPREFIXSERVE_ISA={isa}", "-c", str(SOURCE_DIR / name)]
+            jobs[out_dir / f"{Path(name).stem}_{isa}.o"] = [*base, *kernel]
     with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         list(pool.map(lambda job: _run([*job[1], "-o", str(job[0])]), jobs.items()))
     return list(jobs)

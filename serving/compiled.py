@@ -1,11 +1,15 @@
 """The model's forward under ``torch.compile``, with our attention as one opaque op.
 
-Dynamo traces transformers' modeling code around the attention, and Inductor fuses it (on CPU
-with the linear weights prepacked: ``freezing``). The attention itself, whose plan is built with
-Python on the host every step, stays out of the graph: each layer calls the custom op
-``prefixserve::attention(query, key, value, layer_idx, scale)``, which writes the step's K/V
-into the paged pool and attends. Its eager implementation finds the step's
-:class:`~prefixserve.attention.StepContext` in the *forward context* that
+Dynamo traces transformers' modeling code around the attention, and Inductor fuses it. On CPU
+the linear layers are the native linear op (:mod:`prefixserve.native_linear`), opaque to the
+graph too; where they are not (bf16, or a CPU without AVX2), the weights are frozen into the
+graph and prepacked for oneDNN (``freezing``). A graph without frozen weights is kept in
+Inductor's on-disk cache, so a restart skips most of the warm-up.
+
+The attention, whose plan is built with Python on the host every step, stays out of the graph
+as well: each layer calls the custom op ``prefixserve::attention(query, key, value, layer_idx,
+scale)``, which writes the step's K/V into the paged pool and attends. Its eager implementation
+finds the step's :class:`~prefixserve.attention.StepContext` in the *forward context* that
 :meth:`CompiledForward.__call__` sets around the compiled call (as vLLM's ``unified_attention``
 does): a graph cannot carry a Python plan as an input, so the context lives only for the length
 of one call, in one place, and the op refuses to run outside it.

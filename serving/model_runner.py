@@ -25,6 +25,7 @@ from .cuda_graphs import DecodeGraphs, capture_sizes
 from .kernels import reference
 from .kernels.metadata import AttentionMetadata
 from .kv_cache import KVCachePool, KVCacheSpec, blocks_for, size_pool
+from .native_linear import use_native_linears
 from .prefix_store import Prefix
 from .request import Request
 from .scheduler import PrefixFill, SchedulerOutput
@@ -82,6 +83,10 @@ class ModelRunner:
             self.shape.num_heads, self.shape.num_kv_heads, self.shape.head_dim
         )
         self.backend = select_backend(config.attention_backend, self.device, attention_shape)
+        self.native_linears = 0
+        """Linear layers running on the native CPU linear op (0 where none do)."""
+        if self.device.type == "cpu" and config.native_cpu_linear:
+            self.native_linears = use_native_linears(model)
         self.graphs: DecodeGraphs | None = None
         """Decode steps replayed from CUDA graphs; None where there are none."""
         self.compiled: CompiledForward | None = None
@@ -89,7 +94,10 @@ class ModelRunner:
         if not config.eager:
             reason = cannot_compile(model, self.device, self.dtype)
             if reason is None:
-                self.compiled = CompiledForward(model, freezing=self.device.type == "cpu")
+                # Freezing prepacks ATen's linear weights: a gain only where the native linear
+                # op does not run them, and frozen graphs miss Inductor's on-disk graph cache.
+                freezing = self.device.type == "cpu" and self.native_linears == 0
+                self.compiled = CompiledForward(model, freezing=freezing)
                 self.warm_up()
             else:
                 logger.warning("prefixserve: running the model eagerly: %s", reason)
@@ -297,8 +305,9 @@ class ModelRunner:
         start = time.perf_counter()
         for i, q_lens in enumerate(WARM_UP_STEPS, 1):
             say(
-                f"compiling the model's forward ({i}/{len(WARM_UP_STEPS)}; at every start, "
-                "minutes on a small CPU; enforce_eager=True / --enforce-eager skips it) ..."
+                f"compiling the model's forward ({i}/{len(WARM_UP_STEPS)}; a minute or more on "
+                "a small CPU, seconds from Inductor's cache; enforce_eager=True / "
+                "--enforce-eager skips it) ..."
             )
             inputs = self._dummy_step(q_lens)
             self._forward(inputs.meta, inputs.positions, inputs.logits_indices, inputs.input_ids)

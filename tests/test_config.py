@@ -30,7 +30,13 @@ def test_unknown_options_are_named():
 def test_every_option_has_a_docstring_and_its_dataclass_default():
     names = [o.name for o in engine_options()]
     fields = [f.name for s in SECTIONS.values() for f in dataclasses.fields(s)]
-    assert names == [*fields, "attention_backend", "enforce_eager", "max_cuda_graph_batch"]
+    assert names == [
+        *fields,
+        "attention_backend",
+        "enforce_eager",
+        "native_cpu_linear",
+        "max_cuda_graph_batch",
+    ]
     for option in engine_options():
         assert option.help, f"{option.name} has no docstring"
     assert {o.name: o.default for o in engine_options()}["long_prefill_token_threshold"] == 128

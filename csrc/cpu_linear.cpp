@@ -1,0 +1,73 @@
+// torch.ops.prefixserve.linear: y = x W^T + b on CPU, with a kernel of our own for few rows.
+//
+// Registration, input validation and the choice of kernel; the skinny kernel itself is
+// cpu_linear_kernel.cpp, built once per ISA. Python wrapper: prefixserve.kernels.cpu_linear;
+// reference: torch.nn.functional.linear.
+//
+// fp32 inputs of up to kMaxSkinnyRows rows (after flattening the leading dimensions) run the
+// skinny kernel, which reads the weight once at close to the memory bandwidth; everything else
+// (more rows, other dtypes) runs at::linear, so the op is a drop-in for F.linear.
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/linear.h>
+#include <torch/library.h>
+
+#include "cpu_isa.h"
+#include "cpu_linear.h"
+
+namespace prefixserve::cpu {
+namespace {
+
+void run_kernel(c10::string_view isa, const LinearArgs& args) {
+#if defined(__x86_64__)
+  if (isa == "avx512") return avx512::skinny_linear(args);
+  if (isa == "avx2") return avx2::skinny_linear(args);
+#endif
+  baseline::skinny_linear(args);
+}
+
+at::Tensor linear(const at::Tensor& input, const at::Tensor& weight,
+                  const std::optional<at::Tensor>& bias, c10::string_view isa) {
+  check_isa("linear", isa);
+  TORCH_CHECK(input.dim() >= 1 && weight.dim() == 2 && input.size(-1) == weight.size(1),
+              "linear: input ", input.sizes(), " does not match weight ", weight.sizes());
+  const bool has_bias = bias.has_value() && bias->defined();
+  const int64_t k = weight.size(1), n = weight.size(0);
+  const int64_t m = k > 0 ? input.numel() / k : 0;
+  const bool skinny = input.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat &&
+                      (!has_bias || bias->scalar_type() == at::kFloat) && input.is_cpu() &&
+                      weight.is_cpu() && m > 0 && m <= kMaxSkinnyRows && k > 0;
+  if (!skinny) return at::linear(input, weight, bias);
+  TORCH_CHECK(!has_bias || (bias->dim() == 1 && bias->size(0) == n), "linear: bias ",
+              bias->sizes(), " does not match weight ", weight.sizes());
+
+  const at::Tensor x = input.reshape({m, k});
+  const at::Tensor x_rows = x.stride(1) == 1 ? x : x.contiguous();
+  const at::Tensor w = weight.contiguous();
+  const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
+  std::vector<int64_t> out_sizes(input.sizes().begin(), input.sizes().end());
+  out_sizes.back() = n;
+  at::Tensor y = at::empty(out_sizes, input.options());
+
+  LinearArgs args{};
+  args.x = x_rows.data_ptr<float>();
+  args.x_stride = x_rows.stride(0);
+  args.weight = w.data_ptr<float>();
+  args.bias = has_bias ? b.data_ptr<float>() : nullptr;
+  args.y = y.data_ptr<float>();
+  args.m = m;
+  args.n = n;
+  args.k = k;
+  run_kernel(isa, args);
+  return y;
+}
+
+}  // namespace
+}  // namespace prefixserve::cpu
+
+TORCH_LIBRARY_FRAGMENT(prefixserve, m) {
+  m.def("linear(Tensor input, Tensor weight, Tensor? bias, str isa) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(prefixserve, CPU, m) { m.impl("linear", &prefixserve::cpu::linear); }

@@ -1,0 +1,39 @@
+// Skinny linear layers on CPU: what the op registration (cpu_linear.cpp) and the per-ISA builds
+// of the kernel (cpu_linear_kernel.cpp) share.
+//
+// Reference: torch.nn.functional.linear.
+#pragma once
+
+#include <cstdint>
+
+namespace prefixserve::cpu {
+
+/// Rows up to which the op runs its own kernel; above, ATen's GEMM (MKL) is faster.
+constexpr int64_t kMaxSkinnyRows = 64;
+
+/// Raw views of one call's fp32 tensors, validated by the registration.
+struct LinearArgs {
+  const float* x;       ///< [M, K], unit stride in K
+  int64_t x_stride;     ///< between rows of x
+  const float* weight;  ///< [N, K] contiguous (nn.Linear's layout)
+  const float* bias;    ///< [N] or nullptr
+  float* y;             ///< [M, N] contiguous
+  int64_t m;
+  int64_t n;
+  int64_t k;
+};
+
+// One build of the kernel per instruction set, chosen at run time (cpu_linear.cpp).
+namespace baseline {
+void skinny_linear(const LinearArgs& args);
+}
+#if defined(__x86_64__)
+namespace avx2 {
+void skinny_linear(const LinearArgs& args);
+}
+namespace avx512 {
+void skinny_linear(const LinearArgs& args);
+}
+#endif
+
+}  // namespace prefixserve::cpu

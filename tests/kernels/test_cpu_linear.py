@@ -1,0 +1,135 @@
+"""The native CPU linear op against ``F.linear`` in float64, and the model's linears on it.
+
+Cases cover every instruction set this CPU runs, row counts on both sides of the skinny limit
+(one row, the tile's tails, the limit itself and one past it), feature and input sizes that are
+not multiples of the tile or the vector width, bias, rows with a stride, leading dimensions,
+dtypes the kernel leaves to ATen, bad inputs, ``torch.compile``, and the module swap.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prefixserve.kernels import cpu_linear
+from prefixserve.native_linear import NativeLinear, use_native_linears
+
+ROWS = [1, 2, 3, 4, 5, 7, 38, cpu_linear.MAX_SKINNY_ROWS, cpu_linear.MAX_SKINNY_ROWS + 1, 200]
+SHAPES = [(576, 576), (1, 8), (5, 1), (17, 9), (13, 37), (192, 1537)]  # (N, K)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _native_op() -> None:
+    cpu_linear.load()
+
+
+def _expected(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(x.double(), w.double(), None if b is None else b.double())
+
+
+def _assert_close(y: torch.Tensor, want: torch.Tensor, k: int) -> None:
+    """fp32 sums of ``k`` products of unit normals, in any order, against the exact float64
+    result: within a few ulps of the sum's magnitude (~sqrt(k))."""
+    assert y.dtype == torch.float32 and y.shape == want.shape
+    torch.testing.assert_close(y.double(), want, rtol=0, atol=1e-5 * max(k, 16) ** 0.5)
+
+
+@pytest.mark.parametrize("isa", cpu_linear.cpu_isas())
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_matches_float64(isa: str, rows: int, n: int, k: int) -> None:
+    x, w, b = torch.randn(rows, k), torch.randn(n, k), torch.randn(n)
+    for bias in (None, b):
+        _assert_close(cpu_linear.linear(x, w, bias, isa), _expected(x, w, bias), k)
+
+
+@pytest.mark.parametrize("isa", cpu_linear.cpu_isas())
+def test_strided_rows_and_leading_dims(isa: str) -> None:
+    """Rows a stride apart (a slice of a wider tensor), columns a stride apart (copied first),
+    and [B, T, K] inputs all give F.linear's result in its shape."""
+    w = torch.randn(33, 40)
+    wide = torch.randn(6, 100)
+    rows = wide[:, 10:50]  # row stride 100, unit stride in K
+    _assert_close(cpu_linear.linear(rows, w, None, isa), _expected(rows, w, None), 40)
+    cols = torch.randn(6, 80)[:, ::2]  # stride 2 in K
+    _assert_close(cpu_linear.linear(cols, w, None, isa), _expected(cols, w, None), 40)
+    batched = torch.randn(2, 3, 40)
+    y = cpu_linear.linear(batched, w, None, isa)
+    assert y.shape == (2, 3, 33)
+    _assert_close(y, _expected(batched, w, None), 40)
+    assert cpu_linear.linear(torch.randn(0, 40), w, None, isa).shape == (0, 33)
+
+
+def test_other_dtypes_run_aten() -> None:
+    """bf16 is left to ATen: bit-identical to F.linear."""
+    x, w = torch.randn(3, 64, dtype=torch.bfloat16), torch.randn(16, 64, dtype=torch.bfloat16)
+    assert torch.equal(cpu_linear.linear(x, w, None, cpu_linear.default_isa()), F.linear(x, w))
+
+
+def test_bad_inputs_raise_clear_errors() -> None:
+    isa = cpu_linear.default_isa()
+    with pytest.raises(RuntimeError, match="does not match weight"):
+        cpu_linear.linear(torch.randn(2, 8), torch.randn(4, 9), None, isa)
+    with pytest.raises(RuntimeError, match=r"bias .* does not match"):
+        cpu_linear.linear(torch.randn(2, 8), torch.randn(4, 8), torch.randn(5), isa)
+    with pytest.raises(RuntimeError, match="not one of this CPU's"):
+        cpu_linear.linear(torch.randn(2, 8), torch.randn(4, 8), None, "sse9")
+
+
+def test_op_is_opaque_to_torch_compile() -> None:
+    x, w, b = torch.randn(3, 24), torch.randn(10, 24), torch.randn(10)
+    isa = cpu_linear.default_isa()
+    torch.library.opcheck(
+        torch.ops.prefixserve.linear.default,
+        (x, w, b, isa),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+
+    @torch.compile(backend="aot_eager", fullgraph=True, dynamic=True)
+    def layer(x: torch.Tensor) -> torch.Tensor:
+        return cpu_linear.linear(x * 2, w, b, isa).relu()
+
+    for rows in (3, 5):
+        x = torch.randn(rows, 24)
+        torch.testing.assert_close(layer(x), F.linear(x * 2, w, b).relu())
+
+
+def test_model_linears_swap_in_place() -> None:
+    """Plain fp32 nn.Linear layers become NativeLinear with the same parameters (a tied weight
+    stays one tensor); subclasses and other dtypes are left alone; outputs are F.linear's."""
+
+    class Quantized(nn.Linear):  # stands for bitsandbytes' layers, which subclass nn.Linear
+        pass
+
+    embed = nn.Embedding(50, 16)
+    model = nn.ModuleDict(
+        {
+            "embed": embed,
+            "up": nn.Linear(16, 40),
+            "down": nn.Linear(40, 16, bias=False),
+            "quantized": Quantized(16, 16),
+            "bf16": nn.Linear(16, 16).to(torch.bfloat16),
+            "head": nn.Linear(16, 50, bias=False),
+        }
+    )
+    model["head"].weight = embed.weight  # tied, as in the default model
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        want = model["head"](model["down"](model["up"](x)))
+        params = {name: p for name, p in model.named_parameters()}
+        swapped = use_native_linears(model)
+        if cpu_linear.default_isa() == "baseline":
+            assert swapped == 0
+            return
+        assert swapped == 3
+        assert {name for name, m in model.items() if isinstance(m, NativeLinear)} == {
+            "up",
+            "down",
+            "head",
+        }
+        assert type(model["quantized"]) is Quantized
+        assert type(model["bf16"]) is nn.Linear
+        assert model["head"].weight is embed.weight
+        assert all(p is params[name] for name, p in model.named_parameters())
+        got = model["head"](model["down"](model["up"](x)))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
