@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .metadata import AttentionMetadata
+from .reference import KVWrite
 
 QUERY_TILE_TOKENS = 32
 """Most query tokens in one tile (times the query heads of a kv head: the tile's rows)."""
@@ -54,6 +55,8 @@ class CPUStepPlan:
     """(TG,) int32: packed query tokens of the grouped requests, each group's together."""
     isa: str
     """Instruction set the op runs with (one of ``cpu_isas()``)."""
+    kv_write: KVWrite
+    """Where each layer writes the step's K/V (padding rows left out), resolved once."""
     stats: dict[str, int] = field(default_factory=dict)
     """Prefix keys read per kv head with this plan (``prefix_keys``) and with no grouping
     (``plain_prefix_keys``), grouped prefixes and tile counts: for tests and benchmarks."""
@@ -123,6 +126,7 @@ def plan_cpu_step(
         prefix_tiles=torch.from_numpy(prefix_tiles),
         prefix_tokens=torch.from_numpy(prefix_tokens),
         isa=isa,
+        kv_write=KVWrite.of(meta.slot_mapping),
         stats={
             "grouped_prefixes": len(kept),
             "query_tiles": len(query_tiles),

@@ -54,7 +54,7 @@ class NativeCPUBackend:
         v_cache: torch.Tensor,
         plan: CPUStepPlan,
     ) -> None:
-        reference.write_kv(key, value, k_cache, v_cache, plan.meta.slot_mapping)
+        reference.scatter_kv(key, value, k_cache, v_cache, plan.kv_write)
 
     def attend(
         self,

@@ -16,6 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from prefixserve import LLM, SamplingParams
+from prefixserve.kernels import cpu_linear
 
 from hf_reference import hf_greedy
 from peft_reference import peft_greedy
@@ -54,7 +55,11 @@ def compiled_llm(references):
     for kind, path in adapters.items():
         llm.load_adapter(kind, path)
     llm.load_adapter("text", text=SYSTEM)
-    assert llm.engine.runner.compiled is not None
+    runner = llm.engine.runner
+    assert runner.compiled is not None
+    if cpu_linear.default_isa() != "baseline":  # the native linears run inside the graph
+        assert runner.native_linears == runner.model.config.num_hidden_layers * 7 + 1
+        assert not runner.compiled.freezing
     return llm
 
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from prefixserve.kernels.reference import (
+    KVWrite,
     naive_prefix_attention,
     paged_prefix_attention_from_metadata,
     write_kv,
@@ -73,3 +74,8 @@ def test_padded_slots_write_nothing():
     torch.testing.assert_close(k_cache.view(-1, 2, 8)[[5, 0]], key[[0, 2]])
     torch.testing.assert_close(v_cache.view(-1, 2, 8)[[5, 0]], value[[0, 2]])
     assert int((k_cache != 0).any(-1).any(-1).sum()) == 2  # nothing else was written
+    # The native backend resolves this once per step in its plan (KVWrite), then scatters.
+    write = KVWrite.of(torch.tensor([5, -1, 0]))
+    assert write.rows is not None and write.rows.tolist() == [0, 2]
+    assert write.slots.tolist() == [5, 0]
+    assert KVWrite.of(torch.tensor([5, 1, 0])).rows is None
