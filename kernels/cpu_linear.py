@@ -28,8 +28,8 @@ __all__ = ["MAX_SKINNY_ROWS", "cpu_isas", "default_isa", "linear", "load"]
 
 MAX_SKINNY_ROWS = 64
 """Rows up to which the op runs its own kernel (``kMaxSkinnyRows`` in ``csrc/cpu_linear.h``):
-measured on the default model's shapes, it reads the weights at 2-2.5x ATen's speed from 1 to
-8 rows and is still faster at 64; above, ATen's GEMM wins."""
+on the default model's 30 layers of linear shapes it takes 0.37-0.5x ATen's time from 1 to 38
+rows and 0.75-0.85x at 64; by 128 rows ATen's GEMM is as fast or faster."""
 
 
 @functools.cache

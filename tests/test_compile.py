@@ -156,3 +156,21 @@ def test_the_attention_op_refuses_to_run_outside_a_compiled_step():
     q = torch.zeros(3, 4, 8)
     with pytest.raises(RuntimeError, match="only inside a compiled prefixserve forward"):
         attention_op(q, q[:, :2], q[:, :2], 0, 1.0)
+
+
+def test_default_model_compiled_equals_eager_and_transformers(default_llm):
+    """The embedded default model: compiled greedy tokens equal the eager engine's and
+    transformers' own ``generate``, for a batch of chat prompts of different lengths."""
+    from test_engine_exactness import CHAT_QUESTIONS
+
+    prompts = [
+        default_llm.apply_chat_template([{"role": "user", "content": q}])
+        for q in CHAT_QUESTIONS[:5]
+    ]
+    model = AutoModelForCausalLM.from_pretrained(default_llm.engine.model_path, dtype=torch.float32)
+    expected = hf_greedy(model, prompts, max_new_tokens=24)
+    compiled = LLM(dtype="float32", enforce_eager=False)
+    assert compiled.engine.runner.compiled is not None
+    params = SamplingParams(max_new_tokens=24)
+    assert [o.token_ids for o in compiled.generate(prompts, params)] == expected
+    assert [o.token_ids for o in default_llm.generate(prompts, params)] == expected
