@@ -160,9 +160,9 @@ class EngineConfig:
         return env == "1"
 
     native_cpu_linear: bool = True
-    """On CPU, run the model's fp32 linear layers on prefixserve's native op, which reads the
-    weights of a step of few rows (decode, short prompts) at up to ~2.3x PyTorch's speed;
-    False keeps PyTorch's. Needs AVX2 (elsewhere PyTorch's runs anyway)."""
+    """On CPU, run the model's fp32 linear layers on prefixserve's native op, which computes
+    steps of up to 64 rows (decode, short prompts) in about half PyTorch's time; False keeps
+    PyTorch's. Needs AVX2 (elsewhere PyTorch's runs anyway)."""
 
     max_cuda_graph_batch: int = 256
     """CUDA: decode steps of up to this many requests (and max_num_seqs) replay CUDA graphs

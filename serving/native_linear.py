@@ -11,6 +11,7 @@ under ``torch.compile`` the op is opaque, so Inductor fuses around it.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -35,15 +36,15 @@ class NativeLinear(nn.Linear):
 def use_native_linears(model: nn.Module) -> int:
     """Run ``model``'s plain fp32 CPU ``nn.Linear`` layers on the native op; returns how many.
 
-    Nothing changes (0) where the op cannot be built or loaded (logged once), or where this CPU
-    runs only the baseline instruction set (the op's kernel is vectorized for AVX2 and AVX-512;
-    elsewhere ATen's GEMM is the better choice). Subclasses of ``nn.Linear`` (bitsandbytes'
-    quantized layers, adapters' wrappers) are left alone."""
+    Nothing changes (0) where the op cannot be built or loaded (logged once per process), or
+    where this CPU runs only the baseline instruction set (the op's kernel is vectorized for
+    AVX2 and AVX-512; elsewhere ATen's GEMM is the better choice). Subclasses of ``nn.Linear``
+    (bitsandbytes' quantized layers, adapters' wrappers) are left alone."""
     try:
         cpu_linear.load()
         isa = cpu_linear.default_isa()
     except NativeBuildError as e:
-        logger.warning("prefixserve: linear layers run on ATen: %s", e)
+        _warn_unavailable(str(e))
         return 0
     if isa == "baseline":
         return 0
@@ -60,3 +61,10 @@ def use_native_linears(model: nn.Module) -> int:
             module.isa = isa
             count += 1
     return count
+
+
+@functools.cache
+def _warn_unavailable(reason: str) -> None:
+    logger.warning(
+        "prefixserve: linear layers run on ATen (the native op is unavailable: %s)", reason
+    )

@@ -6,6 +6,8 @@ not multiples of the tile or the vector width, bias, rows with a stride, leading
 dtypes the kernel leaves to ATen, bad inputs, ``torch.compile``, and the module swap.
 """
 
+import logging
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -133,3 +135,18 @@ def test_model_linears_swap_in_place() -> None:
         assert all(p is params[name] for name, p in model.named_parameters())
         got = model["head"](model["down"](model["up"](x)))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_without_the_op_linears_stay_aten_and_it_says_why_once(monkeypatch, caplog) -> None:
+    from prefixserve.kernels.cpu_build import NativeBuildError
+
+    def unavailable() -> None:
+        raise NativeBuildError("no C++ compiler (test)")
+
+    monkeypatch.setattr(cpu_linear, "load", unavailable)
+    with caplog.at_level(logging.WARNING, logger="prefixserve"):
+        models = [nn.Sequential(nn.Linear(4, 4)) for _ in range(2)]
+        assert [use_native_linears(m) for m in models] == [0, 0]
+    assert all(type(m[0]) is nn.Linear for m in models)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "no C++ compiler (test)" in warnings[0], warnings
