@@ -1,17 +1,21 @@
 """Compiled vs eager prefixserve vs transformers' batched ``generate``, in one run.
 
 Workloads (default model, fp32, greedy, eos ignored): 64 chat prompts x 64 new tokens, one
-request x 64 new tokens, and the time to first token of one request (median of ``--repeats``).
-Contenders: transformers, prefixserve eager, prefixserve compiled, and prefixserve compiled
-with ATen's linears instead of the native linear op (``native_cpu_linear=False``: weights frozen
-and prepacked by Inductor), which isolates the op's share. Each runs in a subprocess of its own,
-so that its start time (model load, and compiled, the warm-up) and its peak RSS are its own.
-Inductor's on-disk cache starts empty (a directory of this run), so the compiled start is a
-cold one; the compiled engine is then started once more to time a restart from that cache.
-Prints a table and writes JSON.
+request x 64 new tokens, and the time to first token of one request. Contenders: transformers,
+prefixserve eager, prefixserve compiled, and prefixserve compiled with ATen's linears instead of
+the native linear op (``native_cpu_linear=False``: weights frozen and prepacked by Inductor),
+which isolates the op's share.
+
+Each contender lives in a subprocess of its own, so that its start time (model load, and
+compiled, the warm-up) and its peak RSS are its own. The machines this runs on drift in speed
+by up to 2x over minutes, so the contenders are measured *interleaved*: all of them are started
+first, then every round runs each workload once per contender, in a rotating order, and the
+table reports the median over rounds. Inductor's on-disk cache starts empty (a directory of this
+run), so the compiled start is a cold one; the compiled engine is then started once more to time
+a restart from that cache. Prints a table and writes JSON.
 
     python benchmarks/bench_compile.py                   # all four
-    python benchmarks/bench_compile.py --only compiled   # one contender
+    python benchmarks/bench_compile.py --only compiled transformers
     python benchmarks/bench_compile.py --profile         # + torch.profiler tables of a decode step
 """
 
@@ -27,19 +31,28 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 import torch
 from bench_offline import bench_transformers, make_prompts
 
 CONTENDERS = ("transformers", "eager", "compiled", "compiled-aten")
+WORKLOADS = ("batch_tok_s", "one_tok_s", "ttft_ms")
+RESULT = "RESULT "
+"""Prefix of the lines a contender answers with on stdout (anything else there is ignored)."""
 
 
 def _rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def run_prefixserve(mode: str, args: argparse.Namespace) -> dict:
+Workloads = dict[str, Callable[[], float]]
+
+
+def prefixserve_workloads(mode: str, args: argparse.Namespace) -> tuple[float, Workloads, dict]:
+    """(start seconds, workload name -> one measurement, extra facts) of a prefixserve engine."""
     from prefixserve import LLM, SamplingParams
 
     start = time.perf_counter()
@@ -50,8 +63,6 @@ def run_prefixserve(mode: str, args: argparse.Namespace) -> dict:
         max_num_seqs=args.batch,
     )
     startup = time.perf_counter() - start
-    if args.startup_only:
-        return {"startup_s": startup}
     runner = llm.engine.runner
     prompts = make_prompts(llm, args.batch, seed=args.batch)
     one = make_prompts(llm, 1, seed=1)
@@ -66,26 +77,26 @@ def run_prefixserve(mode: str, args: argparse.Namespace) -> dict:
         assert all(len(o.token_ids) == args.new_tokens for o in outs)
         return len(batch) * args.new_tokens / elapsed
 
-    def ttft() -> float:
+    def ttft_ms() -> float:
         engine = llm.engine
         t = time.perf_counter()
         engine.add_request(one[0], SamplingParams(max_new_tokens=1))
         while not engine.step():
             pass
-        return time.perf_counter() - t
+        return 1e3 * (time.perf_counter() - t)
 
-    result = {
-        "startup_s": startup,
-        "batch_tok_s": tok_s(prompts),
-        "one_tok_s": tok_s(one),
-        "ttft_ms": 1e3 * statistics.median(ttft() for _ in range(args.repeats)),
+    facts = {
         "graphs": None if runner.compiled is None else runner.compiled.num_graphs,
         "native_linears": runner.native_linears,
     }
     if args.profile:
-        result["profile"] = profile_decode(llm, prompts)
-    result["peak_rss_gib"] = _rss_gib()
-    return result
+        facts["profile"] = profile_decode(llm, prompts)
+    workloads = {
+        "batch_tok_s": lambda: tok_s(prompts),
+        "one_tok_s": lambda: tok_s(one),
+        "ttft_ms": ttft_ms,
+    }
+    return startup, workloads, facts
 
 
 def profile_decode(llm, prompts: list[list[int]]) -> str:
@@ -107,7 +118,7 @@ def profile_decode(llm, prompts: list[list[int]]) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
 
 
-def run_transformers(args: argparse.Namespace) -> dict:
+def transformers_workloads(args: argparse.Namespace) -> tuple[float, Workloads, dict]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from prefixserve.model_loader import resolve_model_path
@@ -130,21 +141,118 @@ def run_transformers(args: argparse.Namespace) -> dict:
     pad = tokenizer.pad_token_id or 0
     bench_transformers(model, pad, make_prompts(_Chat(), 3, seed=99), 4)  # type: ignore[arg-type]
     n = args.new_tokens
-    ttft = [bench_transformers(model, pad, one, 1) for _ in range(args.repeats)]
-    return {
-        "startup_s": startup,
-        "batch_tok_s": args.batch * n / bench_transformers(model, pad, prompts, n),
-        "one_tok_s": n / bench_transformers(model, pad, one, n),
-        "ttft_ms": 1e3 * statistics.median(ttft),
-        "peak_rss_gib": _rss_gib(),
+    workloads = {
+        "batch_tok_s": lambda: args.batch * n / bench_transformers(model, pad, prompts, n),
+        "one_tok_s": lambda: n / bench_transformers(model, pad, one, n),
+        "ttft_ms": lambda: 1e3 * bench_transformers(model, pad, one, 1),
     }
+    return startup, workloads, {}
+
+
+def serve_child(who: str, args: argparse.Namespace) -> None:
+    """A contender's process: start, answer ``READY``, then one measurement per workload name
+    read from stdin until ``quit`` (answering with its peak RSS)."""
+    if who == "transformers":
+        startup, workloads, facts = transformers_workloads(args)
+    else:
+        startup, workloads, facts = prefixserve_workloads(who, args)
+    print(RESULT + json.dumps({"startup_s": startup, **facts}), flush=True)
+    if args.startup_only:
+        return
+    for line in sys.stdin:
+        command = line.strip()
+        if command == "quit":
+            break
+        print(RESULT + json.dumps(workloads[command]()), flush=True)
+    print(RESULT + json.dumps(_rss_gib()), flush=True)
+
+
+class Child:
+    """The parent's handle on one contender's process."""
+
+    def __init__(self, who: str, args: argparse.Namespace, env: dict, *extra: str) -> None:
+        command = [sys.executable, __file__, "--child", who, *extra]
+        command += ["--batch", str(args.batch), "--new-tokens", str(args.new_tokens)]
+        self.who = who
+        self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (lives as long as the child)
+        """The contender's stderr (progress bars, warnings), shown if it fails."""
+        self.process = subprocess.Popen(
+            command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            env=env,
+        )
+        self.ready: dict = self._answer()  # type: ignore[assignment]
+
+    def ask(self, command: str) -> object:
+        assert self.process.stdin is not None
+        self.process.stdin.write(command + "\n")
+        self.process.stdin.flush()
+        return self._answer()
+
+    def close(self) -> float:
+        """Peak RSS in GiB."""
+        rss = float(self.ask("quit"))  # type: ignore[arg-type]
+        self.process.wait()
+        return rss
+
+    def _answer(self) -> object:
+        stdout: IO[str] | None = self.process.stdout
+        assert stdout is not None
+        for line in stdout:
+            if line.startswith(RESULT):
+                return json.loads(line[len(RESULT) :])
+        code = self.process.wait()
+        self.log.seek(0)
+        tail = "\n".join(self.log.read().strip().splitlines()[-20:])
+        raise RuntimeError(f"{self.who} exited with {code} before answering:\n{tail}")
+
+
+def measure(args: argparse.Namespace) -> dict[str, dict]:
+    """Start every contender, then run ``--repeats`` rounds of every workload, interleaved."""
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-compile-inductor-") as cache:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+        children = {}
+        for who in args.only:
+            print(f"starting {who} ...", flush=True)
+            children[who] = Child(who, args, env, *(["--profile"] if args.profile else []))
+        samples: dict[str, dict[str, list[float]]] = {
+            w: {k: [] for k in WORKLOADS} for w in args.only
+        }
+        for round_ in range(args.repeats):
+            order = args.only[round_ % len(args.only) :] + args.only[: round_ % len(args.only)]
+            for workload in WORKLOADS:
+                if workload == "batch_tok_s" and round_ >= args.batch_repeats:
+                    continue
+                for who in order:
+                    samples[who][workload].append(float(children[who].ask(workload)))  # type: ignore[arg-type]
+            print(f"round {round_ + 1}/{args.repeats} done", flush=True)
+        for who, child in children.items():
+            facts = dict(child.ready)
+            profile = facts.pop("profile", None)
+            if profile:
+                print(f"--- {who}: decode steps, batch {args.batch}\n{profile}")
+            results[who] = facts | {k: statistics.median(v) for k, v in samples[who].items()}
+            results[who]["samples"] = samples[who]
+            results[who]["peak_rss_gib"] = child.close()
+        if "compiled" in results:
+            restart = Child("compiled", args, env, "--startup-only")
+            results["compiled"]["restart_s"] = restart.ready["startup_s"]
+            restart.process.wait()
+    return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=7, help="rounds (one request, TTFT)")
+    parser.add_argument(
+        "--batch-repeats", type=int, default=2, help="rounds that also run the batch workload"
+    )
     parser.add_argument("--only", choices=CONTENDERS, nargs="+", default=list(CONTENDERS))
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--child", choices=CONTENDERS, help=argparse.SUPPRESS)
@@ -152,42 +260,24 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/compile.json")
     args = parser.parse_args()
     if args.child:
-        fn = run_transformers if args.child == "transformers" else run_prefixserve
-        result = fn(args) if args.child == "transformers" else fn(args.child, args)
-        print("RESULT " + json.dumps(result))
+        serve_child(args.child, args)
         return
 
-    results = {}
-    with tempfile.TemporaryDirectory(prefix="bench-compile-inductor-") as cache:
-        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
-
-        def child(who: str, *extra: str) -> dict:
-            command = [sys.executable, __file__, "--child", who, *extra]
-            command += ["--batch", str(args.batch), "--new-tokens", str(args.new_tokens)]
-            command += ["--repeats", str(args.repeats)]
-            out = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
-            return json.loads(out.stdout.rsplit("RESULT ", 1)[1])
-
-        for who in args.only:
-            results[who] = child(who, *(["--profile"] if args.profile else []))
-            if "profile" in results[who]:
-                print(f"--- {who}: decode steps, batch {args.batch}\n{results[who].pop('profile')}")
-        if "compiled" in results:
-            results["compiled"]["restart_s"] = child("compiled", "--startup-only")["startup_s"]
+    results = measure(args)
     base = results.get("transformers")
     threads = torch.get_num_threads()
-    print(f"\n{args.batch} prompts x {args.new_tokens} tokens, fp32, {threads} threads")
+    print(
+        f"\n{args.batch} prompts x {args.new_tokens} tokens, fp32, {threads} threads; medians of "
+        f"{args.batch_repeats} (batch) and {args.repeats} (one, TTFT) interleaved rounds"
+    )
     head = ["batch tok/s", "one tok/s", "TTFT ms", "start s", "RSS GiB"]
     print(f"{'':>13} {head[0]:>12} {head[1]:>10} {head[2]:>8} {head[3]:>8} {head[4]:>8}")
     for who, r in results.items():
+        restart = r.get("restart_s")
         print(
             f"{who:>13} {r['batch_tok_s']:>12.1f} {r['one_tok_s']:>10.1f} {r['ttft_ms']:>8.1f} "
             f"{r['startup_s']:>8.1f} {r['peak_rss_gib']:>8.2f}"
-            + (
-                f"  (restart from Inductor's cache: {r['restart_s']:.1f} s)"
-                if "restart_s" in r
-                else ""
-            )
+            + (f"  (restart from Inductor's cache: {restart:.1f} s)" if restart else "")
         )
         if base and who != "transformers":
             r["vs_transformers"] = {
@@ -199,8 +289,8 @@ def main() -> None:
             print(f"{'':>13} x{v['batch']:>11.2f} x{v['one']:>9.2f} x{v['ttft']:>7.2f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    info = {"torch": torch.__version__, "threads": torch.get_num_threads()}
-    info |= {"machine": platform.machine(), "batch": args.batch, "new_tokens": args.new_tokens}
+    info = {"torch": torch.__version__, "threads": threads, "machine": platform.machine()}
+    info |= {"batch": args.batch, "new_tokens": args.new_tokens, "rounds": args.repeats}
     out.write_text(json.dumps({"benchmark": "compile", **info, "results": results}, indent=2))
     print(f"wrote {out}")
 

@@ -30,7 +30,8 @@ class LLM:
         ``prefixserve.config`` or ``prefixserve serve --help``): ``dtype``, ``quantization``,
         ``device``, ``max_model_len``, ``block_size``, ``num_kv_blocks``, ``cpu_kv_memory_gib``,
         ``kv_memory_fraction``, ``max_num_batched_tokens``, ``max_num_seqs``,
-        ``long_prefill_token_threshold``, ``attention_backend``, ``enforce_eager``."""
+        ``long_prefill_token_threshold``, ``attention_backend``, ``enforce_eager``,
+        ``native_cpu_linear``, ``max_cuda_graph_batch``."""
         self.engine = LLMEngine(EngineConfig.from_kwargs(model=model, **options))
 
     @property
