@@ -12,21 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from mixed_batch import adapters_and_references, assert_mixed_batch_equals
 
-from prefixserve import LLM, SamplingParams, cpu_backend
+from prefixserve import LLM, cpu_backend
 from prefixserve.attention import AttentionShape, TorchBackend, select_backend
 from prefixserve.config import EngineConfig
 from prefixserve.cpu_backend import NativeCPUBackend
 from prefixserve.kernels import cpu_build
 from prefixserve.kernels.cpu_build import NativeBuildError
 
-from hf_reference import hf_greedy
-from peft_reference import peft_greedy
-
-PROMPTS = [[5, 9, 33, 7, 81], [11, 12], [40, 41, 42, 43, 44, 45, 46, 47, 48]]
-LENGTHS = {"prompt_tuning": 5, "prefix_tuning": 7, "cartridge": 17}
-NEW = 6
 SHAPE = AttentionShape(num_q_heads=4, num_kv_heads=2, head_dim=8)
 
 
@@ -46,26 +40,14 @@ def test_default_cpu_backend_is_the_native_op(monkeypatch):
 @pytest.mark.parametrize("prefix_mode", ["auto", "grouped"])
 def test_cpu_backend_mixed_adapters_equal_references(prefix_mode, tiny_model_dir, peft_adapter_dir):
     model_dir = tiny_model_dir("llama")
-    paths = {k: peft_adapter_dir(model_dir, k, n) for k, n in LENGTHS.items()}
-    expected = {k: peft_greedy(model_dir, p, PROMPTS, NEW) for k, p in paths.items()}
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    expected[None] = hf_greedy(base, PROMPTS, NEW)
+    paths, expected = adapters_and_references(model_dir, peft_adapter_dir)
 
     llm = LLM(
         str(model_dir), dtype="float32", block_size=4, num_kv_blocks=128, max_num_batched_tokens=16
     )
     assert llm.engine.runner.backend.name == "cpu"
     llm.engine.runner.backend = NativeCPUBackend(llm.engine.runner.backend.shape, prefix_mode)
-    for name, path in paths.items():
-        llm.load_adapter(name, path)
-    batch = [(name, i) for name in [*LENGTHS, None] for i in range(len(PROMPTS))]
-    outputs = llm.generate(
-        [PROMPTS[i] for _, i in batch],
-        SamplingParams(max_new_tokens=NEW),
-        adapter=[name for name, _ in batch],
-    )
-    for (name, i), out in zip(batch, outputs):
-        assert out.token_ids == expected[name][i], (name, i)
+    assert_mixed_batch_equals(llm, paths, expected)
 
 
 def test_unbuildable_op_falls_back_with_one_warning(monkeypatch):

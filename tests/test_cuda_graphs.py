@@ -9,20 +9,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from mixed_batch import adapters_and_references, assert_mixed_batch_equals
 
-from prefixserve import LLM, SamplingParams
+from prefixserve import LLM
 from prefixserve.cuda_graphs import capture_sizes
 from prefixserve.triton_backend import TritonBackend
 
-from hf_reference import hf_greedy
-from peft_reference import peft_greedy
-
 pytest.importorskip("triton")
 
-PROMPTS = [[5, 9, 33, 7, 81], [11, 12], [40, 41, 42, 43, 44, 45, 46, 47, 48]]
-LENGTHS = {"prompt_tuning": 5, "prefix_tuning": 7, "cartridge": 17}
-NEW = 6
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -37,30 +31,10 @@ def test_capture_sizes_cover_every_batch_with_little_padding():
         assert padded - batch < 8
 
 
-def _expected(model_dir, paths):
-    expected = {k: peft_greedy(model_dir, p, PROMPTS, NEW) for k, p in paths.items()}
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    expected[None] = hf_greedy(base, PROMPTS, NEW)
-    return expected
-
-
-def _generate_mixed(llm, paths):
-    for name, path in paths.items():
-        llm.load_adapter(name, path)
-    batch = [(name, i) for name in [*LENGTHS, None] for i in range(len(PROMPTS))]
-    outputs = llm.generate(
-        [PROMPTS[i] for _, i in batch],
-        SamplingParams(max_new_tokens=NEW),
-        adapter=[name for name, _ in batch],
-    )
-    return batch, outputs
-
-
 @pytest.mark.parametrize("decode_mode", ["plain", "grouped"])
 def test_graph_steps_equal_references(decode_mode, tiny_model_dir, peft_adapter_dir):
     model_dir = tiny_model_dir("llama")
-    paths = {k: peft_adapter_dir(model_dir, k, n) for k, n in LENGTHS.items()}
-    expected = _expected(model_dir, paths)
+    paths, expected = adapters_and_references(model_dir, peft_adapter_dir)
     llm = LLM(
         str(model_dir),
         dtype="float32",
@@ -74,11 +48,8 @@ def test_graph_steps_equal_references(decode_mode, tiny_model_dir, peft_adapter_
     # Sizes 1, 2, 4, 8 for batches of up to 12: 9-12 run without a graph.
     runner.use_decode_graphs([1, 2, 4, 8], llm.engine.max_model_len, capture=False)
     assert runner.graphs is not None
-    batch, outputs = _generate_mixed(llm, paths)
-    for (name, i), out in zip(batch, outputs):
-        assert out.token_ids == expected[name][i], (name, i)
+    assert_mixed_batch_equals(llm, paths, expected)
     assert runner.graphs.replays > 0
-    assert llm.engine.allocator.num_used == llm.engine.prefixes.resident_blocks
 
 
 def test_graphs_need_the_triton_backend(tiny_model_dir, caplog):
@@ -95,8 +66,7 @@ def test_graphs_need_the_triton_backend(tiny_model_dir, caplog):
 @pytest.mark.parametrize("enforce_eager", [False, True])
 def test_cuda_engine_captures_graphs_by_default(enforce_eager, tiny_model_dir, peft_adapter_dir):
     model_dir = tiny_model_dir("llama")
-    paths = {k: peft_adapter_dir(model_dir, k, n) for k, n in LENGTHS.items()}
-    expected = _expected(model_dir, paths)
+    paths, expected = adapters_and_references(model_dir, peft_adapter_dir)
     llm = LLM(
         str(model_dir),
         dtype="float32",
@@ -108,9 +78,7 @@ def test_cuda_engine_captures_graphs_by_default(enforce_eager, tiny_model_dir, p
     )
     runner = llm.engine.runner
     assert (runner.graphs is None) == enforce_eager
-    batch, outputs = _generate_mixed(llm, paths)
-    for (name, i), out in zip(batch, outputs):
-        assert out.token_ids == expected[name][i], (name, i)
+    assert_mixed_batch_equals(llm, paths, expected)
     if not enforce_eager:
         assert runner.graphs is not None and runner.graphs.replays > 0
         assert all(g.graph is not None for g in runner.graphs._graphs.values())

@@ -9,20 +9,13 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from mixed_batch import adapters_and_references, assert_mixed_batch_equals
 
-from prefixserve import LLM, SamplingParams
+from prefixserve import LLM
 from prefixserve.attention import AttentionShape, select_backend
 from prefixserve.triton_backend import TritonBackend
 
-from hf_reference import hf_greedy
-from peft_reference import peft_greedy
-
 pytest.importorskip("triton")
-
-PROMPTS = [[5, 9, 33, 7, 81], [11, 12], [40, 41, 42, 43, 44, 45, 46, 47, 48]]
-LENGTHS = {"prompt_tuning": 5, "prefix_tuning": 7, "cartridge": 17}
-NEW = 6
 
 
 @pytest.mark.parametrize(
@@ -32,10 +25,7 @@ def test_triton_backend_mixed_adapters_equal_references(
     arch, decode_mode, tiny_model_dir, peft_adapter_dir
 ):
     model_dir = tiny_model_dir(arch)
-    paths = {k: peft_adapter_dir(model_dir, k, n) for k, n in LENGTHS.items()}
-    expected = {k: peft_greedy(model_dir, p, PROMPTS, NEW) for k, p in paths.items()}
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    expected[None] = hf_greedy(base, PROMPTS, NEW)
+    paths, expected = adapters_and_references(model_dir, peft_adapter_dir)
 
     llm = LLM(
         str(model_dir),
@@ -48,17 +38,7 @@ def test_triton_backend_mixed_adapters_equal_references(
     assert llm.engine.runner.backend.name == "triton"
     runner = llm.engine.runner
     runner.backend = TritonBackend(runner.backend.shape, runner.device, decode_mode)
-    for name, path in paths.items():
-        llm.load_adapter(name, path)
-    batch = [(name, i) for name in [*LENGTHS, None] for i in range(len(PROMPTS))]
-    outputs = llm.generate(
-        [PROMPTS[i] for _, i in batch],
-        SamplingParams(max_new_tokens=NEW),
-        adapter=[name for name, _ in batch],
-    )
-    for (name, i), out in zip(batch, outputs):
-        assert out.token_ids == expected[name][i], (name, i)
-    assert llm.engine.allocator.num_used == llm.engine.prefixes.resident_blocks
+    assert_mixed_batch_equals(llm, paths, expected)
 
 
 def test_library_never_switches_the_interpreter_on(monkeypatch):
