@@ -16,6 +16,7 @@ a restart from that cache. Prints a table and writes JSON.
 
     python benchmarks/bench_compile.py                   # all four
     python benchmarks/bench_compile.py --only compiled transformers
+    python benchmarks/bench_compile.py --workloads ttft_ms one_tok_s
     python benchmarks/bench_compile.py --profile         # + torch.profiler tables of a decode step
 """
 
@@ -220,11 +221,11 @@ def measure(args: argparse.Namespace) -> dict[str, dict]:
             print(f"starting {who} ...", flush=True)
             children[who] = Child(who, args, env, *(["--profile"] if args.profile else []))
         samples: dict[str, dict[str, list[float]]] = {
-            w: {k: [] for k in WORKLOADS} for w in args.only
+            w: {k: [] for k in args.workloads} for w in args.only
         }
         for round_ in range(args.repeats):
             order = args.only[round_ % len(args.only) :] + args.only[: round_ % len(args.only)]
-            for workload in WORKLOADS:
+            for workload in args.workloads:
                 if workload == "batch_tok_s" and round_ >= args.batch_repeats:
                     continue
                 for who in order:
@@ -254,6 +255,13 @@ def main() -> None:
         "--batch-repeats", type=int, default=2, help="rounds that also run the batch workload"
     )
     parser.add_argument("--only", choices=CONTENDERS, nargs="+", default=list(CONTENDERS))
+    parser.add_argument(
+        "--workloads",
+        choices=WORKLOADS,
+        nargs="+",
+        default=list(WORKLOADS),
+        help="measure only these (default: all)",
+    )
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--child", choices=CONTENDERS, help=argparse.SUPPRESS)
     parser.add_argument("--startup-only", action="store_true", help=argparse.SUPPRESS)
@@ -272,25 +280,37 @@ def main() -> None:
     )
     head = ["batch tok/s", "one tok/s", "TTFT ms", "start s", "RSS GiB"]
     print(f"{'':>13} {head[0]:>12} {head[1]:>10} {head[2]:>8} {head[3]:>8} {head[4]:>8}")
+
+    def cell(value: float | None, width: int, digits: int = 1, mark: str = "") -> str:
+        return f"{mark}{value:.{digits}f}".rjust(width) if value is not None else "-".rjust(width)
+
     for who, r in results.items():
         restart = r.get("restart_s")
         print(
-            f"{who:>13} {r['batch_tok_s']:>12.1f} {r['one_tok_s']:>10.1f} {r['ttft_ms']:>8.1f} "
-            f"{r['startup_s']:>8.1f} {r['peak_rss_gib']:>8.2f}"
+            f"{who:>13} {cell(r.get('batch_tok_s'), 12)} {cell(r.get('one_tok_s'), 10)} "
+            f"{cell(r.get('ttft_ms'), 8)} {r['startup_s']:>8.1f} {r['peak_rss_gib']:>8.2f}"
             + (f"  (restart from Inductor's cache: {restart:.1f} s)" if restart else "")
         )
         if base and who != "transformers":
-            r["vs_transformers"] = {
-                "batch": r["batch_tok_s"] / base["batch_tok_s"],
-                "one": r["one_tok_s"] / base["one_tok_s"],
-                "ttft": r["ttft_ms"] / base["ttft_ms"],
+            v = {
+                name: r[key] / base[key]
+                for name, key in (
+                    ("batch", "batch_tok_s"),
+                    ("one", "one_tok_s"),
+                    ("ttft", "ttft_ms"),
+                )
+                if key in r
             }
-            v = r["vs_transformers"]
-            print(f"{'':>13} x{v['batch']:>11.2f} x{v['one']:>9.2f} x{v['ttft']:>7.2f}")
+            r["vs_transformers"] = v
+            print(
+                f"{'':>13} {cell(v.get('batch'), 12, 2, 'x')} {cell(v.get('one'), 10, 2, 'x')} "
+                f"{cell(v.get('ttft'), 8, 2, 'x')}"
+            )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     info = {"torch": torch.__version__, "threads": threads, "machine": platform.machine()}
     info |= {"batch": args.batch, "new_tokens": args.new_tokens, "rounds": args.repeats}
+    info |= {"workloads": args.workloads}
     out.write_text(json.dumps({"benchmark": "compile", **info, "results": results}, indent=2))
     print(f"wrote {out}")
 

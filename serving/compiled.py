@@ -18,8 +18,8 @@ The token dimension varies every step: it is marked dynamic, so one graph serves
 PyTorch specializes sizes 0 and 1, so a step of one token (one request decoding alone) is padded
 to two (the attention op leaves the padding token out: it writes no K/V and attends to nothing),
 and the logits rows to at least two. One graph instead of two cuts the warm-up by about a third
-and costs a lone decode nothing: at one or two rows a step streams every weight once either way,
-and the packed kernels of the dynamic graph are as fast at two rows as a static graph's at one.
+and costs a lone decode little: at one or two rows a step streams every weight once either way
+(the native linear op has tiles for two rows that read each weight once, as for one).
 """
 
 from __future__ import annotations

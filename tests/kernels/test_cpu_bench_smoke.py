@@ -1,4 +1,4 @@
-"""The CPU attention benchmark's code paths on tiny shapes (timings meaningless here)."""
+"""The CPU kernel benchmarks' code paths on tiny shapes (timings meaningless here)."""
 
 import sys
 from pathlib import Path
@@ -15,3 +15,15 @@ def test_cpu_benchmark_smoke_paths(monkeypatch, tmp_path):
     assert [len(results[k]) for k in ("decode", "grouped")] == [2, 4]
     assert all(r["op_ms"] > 0 and r["reference_ms"] > 0 for r in results["decode"])
     assert (tmp_path / "cpu.json").is_file()
+
+
+def test_cpu_linear_benchmark_smoke_paths(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(BENCH_DIR))
+    monkeypatch.delitem(sys.modules, "bench_cpu_linear", raising=False)
+    import bench_cpu_linear
+
+    report = bench_cpu_linear.main(["--smoke", "--out", str(tmp_path / "linear.json")])
+    assert [r["rows"] for r in report["results"]] == [1, 2, 38]
+    assert all(ms > 0 for r in report["results"] for ms in r["ms"].values())
+    assert "aten" in report["results"][0]["ms"]
+    assert (tmp_path / "linear.json").is_file()

@@ -1,7 +1,9 @@
 """The native CPU linear op against ``F.linear`` in float64, and the model's linears on it.
 
 Cases cover every instruction set this CPU runs, row counts on both sides of the skinny limit
-(one row, the tile's tails, the limit itself and one past it), feature and input sizes that are
+(one row, two, the dot-product tiles' tails, both sides of where the outer-product tiles take
+over on AVX-512, each of their pass shapes of 1-3 vectors and 3 + 1, the limit itself and one
+past it), feature and input sizes that are
 not multiples of the tile or the vector width, bias, rows with a stride, leading dimensions,
 dtypes the kernel leaves to ATen, bad inputs, ``torch.compile``, and the module swap.
 """
@@ -16,7 +18,8 @@ from torch import nn
 from prefixserve.kernels import cpu_linear
 from prefixserve.native_linear import NativeLinear, use_native_linears
 
-ROWS = [1, 2, 3, 4, 5, 7, 38, cpu_linear.MAX_SKINNY_ROWS, cpu_linear.MAX_SKINNY_ROWS + 1, 200]
+ROWS = [1, 2, 3, 4, 5, 7, 11, 12, 17, 38, 48, 49]
+ROWS += [cpu_linear.MAX_SKINNY_ROWS, cpu_linear.MAX_SKINNY_ROWS + 1, 200]
 SHAPES = [(576, 576), (1, 8), (5, 1), (17, 9), (13, 37), (192, 1537)]  # (N, K)
 
 
@@ -50,9 +53,10 @@ def test_strided_rows_and_leading_dims(isa: str) -> None:
     """Rows a stride apart (a slice of a wider tensor), columns a stride apart (copied first),
     and [B, T, K] inputs all give F.linear's result in its shape."""
     w = torch.randn(33, 40)
-    wide = torch.randn(6, 100)
-    rows = wide[:, 10:50]  # row stride 100, unit stride in K
-    _assert_close(cpu_linear.linear(rows, w, None, isa), _expected(rows, w, None), 40)
+    for m in (6, 20):  # dot-product and outer-product tiles
+        wide = torch.randn(m, 100)
+        rows = wide[:, 10:50]  # row stride 100, unit stride in K
+        _assert_close(cpu_linear.linear(rows, w, None, isa), _expected(rows, w, None), 40)
     cols = torch.randn(6, 80)[:, ::2]  # stride 2 in K
     _assert_close(cpu_linear.linear(cols, w, None, isa), _expected(cols, w, None), 40)
     batched = torch.randn(2, 3, 40)

@@ -1,0 +1,103 @@
+"""Microbenchmark of the native CPU linear op against ``F.linear`` (ATen's GEMM), fp32.
+
+    python benchmarks/kernels/bench_cpu_linear.py [--rows 1 2 38 64] [--rounds 7] [--smoke]
+
+The work is what one step of the default model (SmolLM2-135M) does in its linear layers: 30
+layers of q, k, v, o (576 -> 576, 192, 192, 576) and gate, up, down (576 -> 1536, 1536 -> 576),
+each with its own weight (106M parameters, 424 MB, more than any cache), for ``rows`` tokens.
+Contenders: ATen, and the op on every instruction set this CPU runs. The machines this runs on
+drift in speed over minutes, so each round times every contender once, in rotating order, and
+the table reports medians over rounds, with the op's time as a fraction of ATen's and its
+GFLOP/s (2 x rows x parameters per pass). Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from prefixserve.kernels import cpu_linear
+
+LAYER_SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576)]
+LAYER_SHAPES += [(576, 1536)]
+"""(N, K) of one decoder layer's linears, in call order."""
+LAYERS = 30
+
+
+def contenders() -> dict[str, Callable[..., torch.Tensor]]:
+    out: dict[str, Callable[..., torch.Tensor]] = {"aten": F.linear}
+    for isa in cpu_linear.cpu_isas():
+        if isa != "baseline":
+            out[f"op {isa}"] = lambda x, w, isa=isa: cpu_linear.linear(x, w, None, isa)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 38, 64])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument(
+        "--smoke", action="store_true", help="2 layers, 2 rounds (a test runs this)"
+    )
+    parser.add_argument("--out", default="benchmarks/results/cpu_linear.json")
+    args = parser.parse_args(argv)
+    layers, rounds = (2, 2) if args.smoke else (LAYERS, args.rounds)
+    rows_list = [1, 2, 38] if args.smoke else args.rows
+
+    cpu_linear.load()
+    torch.manual_seed(0)
+    weights = [torch.randn(n, k) * 0.02 for _ in range(layers) for n, k in LAYER_SHAPES]
+    params = sum(w.numel() for w in weights)
+    funcs = contenders()
+    print(f"{layers} layers, {params / 1e6:.0f}M parameters, {torch.get_num_threads()} threads")
+    print(f"{'rows':>5} " + " ".join(f"{name:>22}" for name in funcs))
+    results = []
+    for rows in rows_list:
+        inputs = {k: torch.randn(rows, k) for k in {k for _, k in LAYER_SHAPES}}
+        for f in funcs.values():  # correct before timed
+            w = weights[-1]
+            want = F.linear(inputs[w.shape[1]].double(), w.double())
+            torch.testing.assert_close(f(inputs[w.shape[1]], w).double(), want, rtol=0, atol=1e-3)
+
+        def one_pass(f: Callable[..., torch.Tensor], inputs: dict = inputs) -> None:
+            for w in weights:
+                f(inputs[w.shape[1]], w)
+
+        samples: dict[str, list[float]] = {name: [] for name in funcs}
+        names = list(funcs)
+        for r in range(rounds):
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                one_pass(funcs[name])  # warm: the weights leave the caches again meanwhile
+                start = time.perf_counter()
+                one_pass(funcs[name])
+                samples[name].append((time.perf_counter() - start) * 1e3)
+        ms = {name: statistics.median(s) for name, s in samples.items()}
+        cells = []
+        for name in funcs:
+            gflops = 2 * rows * params / ms[name] / 1e6
+            ratio = "" if name == "aten" else f" {ms[name] / ms['aten']:.2f}x"
+            cells.append(f"{ms[name]:7.2f} ms {gflops:4.0f} GF{ratio}".rjust(22))
+        print(f"{rows:>5} " + " ".join(cells), flush=True)
+        results.append({"rows": rows, "ms": ms, "samples_ms": samples})
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    info = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+    info |= {"machine": platform.machine(), "processor": platform.processor()}
+    info |= {"isas": cpu_linear.cpu_isas(), "layers": layers, "parameters": params}
+    report = {"benchmark": "cpu_linear", **info, "results": results}
+    out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
