@@ -11,6 +11,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/linear.h>
+#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include "cpu_isa.h"
@@ -25,6 +26,21 @@ void run_kernel(c10::string_view isa, const LinearArgs& args) {
   if (isa == "avx2") return avx2::skinny_linear(args);
 #endif
   baseline::skinny_linear(args);
+}
+
+void run_panel_kernel(c10::string_view isa, const LinearArgs& args) {
+#if defined(__x86_64__)
+  if (isa == "avx512") return avx512::panel_linear(args);
+  if (isa == "avx2") return avx2::panel_linear(args);
+#endif
+  baseline::panel_linear(args);
+}
+
+/// y [..., N] (x's leading sizes) for x [..., K].
+at::Tensor output_for(const at::Tensor& input, int64_t n) {
+  std::vector<int64_t> sizes(input.sizes().begin(), input.sizes().end());
+  sizes.back() = n;
+  return at::empty(sizes, input.options());
 }
 
 at::Tensor linear(const at::Tensor& input, const at::Tensor& weight,
@@ -46,9 +62,7 @@ at::Tensor linear(const at::Tensor& input, const at::Tensor& weight,
   const at::Tensor x_rows = x.stride(1) == 1 ? x : x.contiguous();
   const at::Tensor w = weight.contiguous();
   const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
-  std::vector<int64_t> out_sizes(input.sizes().begin(), input.sizes().end());
-  out_sizes.back() = n;
-  at::Tensor y = at::empty(out_sizes, input.options());
+  at::Tensor y = output_for(input, n);
 
   LinearArgs args{};
   args.x = x_rows.data_ptr<float>();
@@ -63,11 +77,60 @@ at::Tensor linear(const at::Tensor& input, const at::Tensor& weight,
   return y;
 }
 
+at::Tensor linear_packed(const at::Tensor& input, const at::Tensor& panels,
+                         const std::optional<at::Tensor>& bias, int64_t out_features,
+                         c10::string_view isa) {
+  check_isa("linear_packed", isa);
+  TORCH_CHECK(panels.dim() == 3 && panels.size(2) == kPanel && out_features > 0 &&
+                  panels.size(0) == (out_features + kPanel - 1) / kPanel,
+              "linear_packed: panels ", panels.sizes(), " are not those of ", out_features,
+              " output features (expected [ceil(N / ", kPanel, "), K, ", kPanel, "])");
+  TORCH_CHECK(input.dim() >= 1 && input.size(-1) == panels.size(1), "linear_packed: input ",
+              input.sizes(), " does not match panels ", panels.sizes());
+  const bool has_bias = bias.has_value() && bias->defined();
+  TORCH_CHECK(input.scalar_type() == at::kFloat && panels.scalar_type() == at::kFloat &&
+                  (!has_bias || bias->scalar_type() == at::kFloat),
+              "linear_packed: packed weights run in float32, got input ", input.scalar_type(),
+              " and panels ", panels.scalar_type());
+  TORCH_CHECK(input.is_cpu() && panels.is_cpu() && (!has_bias || bias->is_cpu()),
+              "linear_packed: runs on CPU tensors");
+  TORCH_CHECK(!has_bias || (bias->dim() == 1 && bias->size(0) == out_features),
+              "linear_packed: bias ", bias->sizes(), " does not match ", out_features,
+              " output features");
+  const int64_t k = panels.size(1);
+  const int64_t m = c10::multiply_integers(input.sizes().begin(), input.sizes().end() - 1);
+  at::Tensor y = output_for(input, out_features);
+  if (m == 0) return y;
+  if (k == 0) return has_bias ? y.copy_(bias->expand_as(y)) : y.zero_();  // empty sums
+
+  const at::Tensor x = input.reshape({m, k});
+  const at::Tensor x_rows = x.stride(1) == 1 ? x : x.contiguous();
+  const at::Tensor w = panels.contiguous();
+  const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
+  LinearArgs args{};
+  args.x = x_rows.data_ptr<float>();
+  args.x_stride = x_rows.stride(0);
+  args.weight = w.data_ptr<float>();
+  args.bias = has_bias ? b.data_ptr<float>() : nullptr;
+  args.y = y.data_ptr<float>();
+  args.m = m;
+  args.n = out_features;
+  args.k = k;
+  run_panel_kernel(isa, args);
+  return y;
+}
+
 }  // namespace
 }  // namespace prefixserve::cpu
 
 TORCH_LIBRARY_FRAGMENT(prefixserve, m) {
   m.def("linear(Tensor input, Tensor weight, Tensor? bias, str isa) -> Tensor");
+  m.def(
+      "linear_packed(Tensor input, Tensor panels, Tensor? bias, int out_features, str isa) "
+      "-> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(prefixserve, CPU, m) { m.impl("linear", &prefixserve::cpu::linear); }
+TORCH_LIBRARY_IMPL(prefixserve, CPU, m) {
+  m.impl("linear", &prefixserve::cpu::linear);
+  m.impl("linear_packed", &prefixserve::cpu::linear_packed);
+}

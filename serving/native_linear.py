@@ -1,18 +1,28 @@
-"""The model's linear layers on prefixserve's native CPU linear op.
+"""The model's linear layers on prefixserve's native CPU linear ops.
 
 A decode step of one request, or the prefill of a short prompt, multiplies a few rows by every
 weight of the model and is bound by reading them; ATen's GEMM reads them at well under the
-memory bandwidth there, the native op (:mod:`prefixserve.kernels.cpu_linear`) at close to it.
-:func:`use_native_linears` turns each plain fp32 ``nn.Linear`` of a CPU model into a
-:class:`NativeLinear` in place: the same module with the same parameters (tied weights stay
-tied, nothing is copied), whose forward calls the op. Eager and compiled forwards both use it;
-under ``torch.compile`` the op is opaque, so Inductor fuses around it.
+memory bandwidth there, the native ops (:mod:`prefixserve.kernels.cpu_linear`) at close to it,
+and their packed-panel kernel outruns ATen's GEMM at any number of rows (on the default model's
+layers, 1.4x ATen at 2432 rows on AVX2 and 2.8x on AVX-512, Zen 5;
+``benchmarks/kernels/bench_cpu_linear.py``).
+
+:func:`use_native_linears` turns each plain fp32 ``nn.Linear`` of a CPU model, in place, into
+
+- a :class:`PackedLinear`: its weight packed once as panels (the ``weight`` parameter is
+  replaced by the ``panels`` buffer, same memory), run by ``linear_packed``; or
+- a :class:`NativeLinear` where its weight is tied to another module's (the default model's LM
+  head is its embedding): the same parameter, run in place by ``linear``.
+
+Eager and compiled forwards both use them; under ``torch.compile`` the ops are opaque, so
+Inductor fuses around them.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+from collections import Counter
 
 import torch
 from torch import nn
@@ -24,7 +34,8 @@ logger = logging.getLogger(__name__)
 
 
 class NativeLinear(nn.Linear):
-    """An ``nn.Linear`` whose forward runs :func:`prefixserve.kernels.cpu_linear.linear`."""
+    """An ``nn.Linear`` whose forward runs :func:`prefixserve.kernels.cpu_linear.linear` on its
+    own weight."""
 
     isa: str
     """The instruction set of the op's kernel."""
@@ -33,12 +44,25 @@ class NativeLinear(nn.Linear):
         return cpu_linear.linear(input, self.weight, self.bias, self.isa)
 
 
-def use_native_linears(model: nn.Module) -> int:
-    """Run ``model``'s plain fp32 CPU ``nn.Linear`` layers on the native op; returns how many.
+class PackedLinear(nn.Linear):
+    """An ``nn.Linear`` whose weight lives only packed, as the buffer ``panels [ceil(N / 16), K,
+    16]`` (:func:`~prefixserve.kernels.cpu_linear.pack_weight`; it has no ``weight``), and whose
+    forward runs :func:`~prefixserve.kernels.cpu_linear.linear_packed`."""
 
-    Nothing changes (0) where the op cannot be built or loaded (logged once per process), or
-    where this CPU runs only the baseline instruction set (the op's kernel is vectorized for
-    AVX2 and AVX-512; elsewhere ATen's GEMM is the better choice). Subclasses of ``nn.Linear``
+    isa: str
+    """The instruction set of the op's kernel."""
+    panels: torch.Tensor
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return cpu_linear.linear_packed(input, self.panels, self.bias, self.out_features, self.isa)
+
+
+def use_native_linears(model: nn.Module) -> int:
+    """Run ``model``'s plain fp32 CPU ``nn.Linear`` layers on the native ops; returns how many.
+
+    Nothing changes (0) where the ops cannot be built or loaded (logged once per process), or
+    where this CPU runs only the baseline instruction set (the kernels are vectorized for AVX2
+    and AVX-512; elsewhere ATen's GEMM is the better choice). Subclasses of ``nn.Linear``
     (bitsandbytes' quantized layers, adapters' wrappers) are left alone."""
     try:
         cpu_linear.load()
@@ -48,6 +72,7 @@ def use_native_linears(model: nn.Module) -> int:
         return 0
     if isa == "baseline":
         return 0
+    owners = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     count = 0
     for module in model.modules():
         weight = getattr(module, "weight", None)
@@ -57,7 +82,13 @@ def use_native_linears(model: nn.Module) -> int:
             and weight.device.type == "cpu"
             and weight.dtype == torch.float32
         ):
-            module.__class__ = NativeLinear
+            if owners[id(weight)] > 1:  # tied: packing would copy it
+                module.__class__ = NativeLinear
+            else:
+                panels = cpu_linear.pack_weight(weight.detach())
+                del module.weight
+                module.register_buffer("panels", panels, persistent=False)
+                module.__class__ = PackedLinear
             module.isa = isa
             count += 1
     return count

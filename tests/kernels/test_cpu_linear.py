@@ -1,11 +1,13 @@
-"""The native CPU linear op against ``F.linear`` in float64, and the model's linears on it.
+"""The native CPU linear ops against ``F.linear`` in float64, and the model's linears on them.
 
 Cases cover every instruction set this CPU runs, row counts on both sides of the skinny limit
 (one row, two, the dot-product tiles' tails, both sides of where the outer-product tiles take
 over on AVX-512, each of their pass shapes of 1-3 vectors and 3 + 1, the limit itself and one
 past it), feature and input sizes that are
 not multiples of the tile or the vector width, bias, rows with a stride, leading dimensions,
-dtypes the kernel leaves to ATen, bad inputs, ``torch.compile``, and the module swap.
+dtypes the kernel leaves to ATen, bad inputs, ``torch.compile``, and the module swap. The
+packed-panel op gets the same cases plus many rows (its tiles' row tails, row chunks split over
+threads), features that leave an odd panel out or end inside a panel, and empty sums (K = 0).
 """
 
 import logging
@@ -16,11 +18,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from prefixserve.kernels import cpu_linear
-from prefixserve.native_linear import NativeLinear, use_native_linears
+from prefixserve.native_linear import NativeLinear, PackedLinear, use_native_linears
 
 ROWS = [1, 2, 3, 4, 5, 7, 11, 12, 17, 38, 48, 49]
 ROWS += [cpu_linear.MAX_SKINNY_ROWS, cpu_linear.MAX_SKINNY_ROWS + 1, 200]
 SHAPES = [(576, 576), (1, 8), (5, 1), (17, 9), (13, 37), (192, 1537)]  # (N, K)
+PACKED_ROWS = [1, 2, 3, 4, 5, 7, 8, 11, 12, 13, 15, 23, 38, 64, 241, 500]
+PACKED_SHAPES = [(576, 576), (1, 8), (5, 1), (17, 9), (48, 37), (200, 1537)]  # (N, K)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -66,6 +70,65 @@ def test_strided_rows_and_leading_dims(isa: str) -> None:
     assert cpu_linear.linear(torch.randn(0, 40), w, None, isa).shape == (0, 33)
 
 
+@pytest.mark.parametrize("isa", cpu_linear.cpu_isas())
+@pytest.mark.parametrize("rows", PACKED_ROWS)
+@pytest.mark.parametrize("n,k", PACKED_SHAPES)
+def test_packed_matches_float64(isa: str, rows: int, n: int, k: int) -> None:
+    x, w, b = torch.randn(rows, k), torch.randn(n, k), torch.randn(n)
+    panels = cpu_linear.pack_weight(w)
+    assert panels.shape == (-(-n // cpu_linear.PANEL), k, cpu_linear.PANEL)
+    for bias in (None, b):
+        y = cpu_linear.linear_packed(x, panels, bias, n, isa)
+        _assert_close(y, _expected(x, w, bias), k)
+
+
+@pytest.mark.parametrize("isa", cpu_linear.cpu_isas())
+def test_packed_strided_rows_leading_dims_and_empty(isa: str) -> None:
+    w, b = torch.randn(33, 40), torch.randn(33)
+    panels = cpu_linear.pack_weight(w)
+    for m in (6, 20):
+        rows = torch.randn(m, 100)[:, 10:50]  # row stride 100
+        _assert_close(cpu_linear.linear_packed(rows, panels, b, 33, isa), _expected(rows, w, b), 40)
+    cols = torch.randn(6, 80)[:, ::2]  # stride 2 in K: copied first
+    _assert_close(
+        cpu_linear.linear_packed(cols, panels, None, 33, isa), _expected(cols, w, None), 40
+    )
+    batched = torch.randn(2, 3, 40)
+    y = cpu_linear.linear_packed(batched, panels, None, 33, isa)
+    assert y.shape == (2, 3, 33)
+    _assert_close(y, _expected(batched, w, None), 40)
+    assert cpu_linear.linear_packed(torch.randn(0, 40), panels, b, 33, isa).shape == (0, 33)
+    # K = 0: every sum is empty, so the output is the bias (or zeros), as F.linear's
+    empty = cpu_linear.pack_weight(torch.randn(5, 0))
+    b5 = torch.randn(5)
+    assert torch.equal(
+        cpu_linear.linear_packed(torch.randn(3, 0), empty, b5, 5, isa), b5.expand(3, 5)
+    )
+    assert torch.equal(
+        cpu_linear.linear_packed(torch.randn(3, 0), empty, None, 5, isa), torch.zeros(3, 5)
+    )
+
+
+def test_packed_bad_inputs_raise_clear_errors() -> None:
+    isa = cpu_linear.default_isa()
+    panels = cpu_linear.pack_weight(torch.randn(20, 8))  # 2 panels
+    x = torch.randn(2, 8)
+    with pytest.raises(RuntimeError, match="are not those of 40 output features"):
+        cpu_linear.linear_packed(x, panels, None, 40, isa)
+    with pytest.raises(RuntimeError, match="are not those of"):
+        cpu_linear.linear_packed(x, torch.randn(20, 8), None, 20, isa)
+    with pytest.raises(RuntimeError, match="does not match panels"):
+        cpu_linear.linear_packed(torch.randn(2, 9), panels, None, 20, isa)
+    with pytest.raises(RuntimeError, match=r"bias .* does not match 20 output features"):
+        cpu_linear.linear_packed(x, panels, torch.randn(16), 20, isa)
+    with pytest.raises(RuntimeError, match="run in float32"):
+        cpu_linear.linear_packed(x.bfloat16(), panels, None, 20, isa)
+    with pytest.raises(RuntimeError, match="not one of this CPU's"):
+        cpu_linear.linear_packed(x, panels, None, 20, "sse9")
+    with pytest.raises(ValueError, match=r"expected a \[N, K\] weight"):
+        cpu_linear.pack_weight(torch.randn(2, 3, 4))
+
+
 def test_other_dtypes_run_aten() -> None:
     """bf16 is left to ATen: bit-identical to F.linear."""
     x, w = torch.randn(3, 64, dtype=torch.bfloat16), torch.randn(16, 64, dtype=torch.bfloat16)
@@ -100,9 +163,28 @@ def test_op_is_opaque_to_torch_compile() -> None:
         torch.testing.assert_close(layer(x), F.linear(x * 2, w, b).relu())
 
 
+def test_packed_op_is_opaque_to_torch_compile() -> None:
+    x, w, b = torch.randn(3, 24), torch.randn(10, 24), torch.randn(10)
+    panels, isa = cpu_linear.pack_weight(w), cpu_linear.default_isa()
+    torch.library.opcheck(
+        torch.ops.prefixserve.linear_packed.default,
+        (x, panels, b, 10, isa),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+
+    @torch.compile(backend="aot_eager", fullgraph=True, dynamic=True)
+    def layer(x: torch.Tensor) -> torch.Tensor:
+        return cpu_linear.linear_packed(x * 2, panels, b, 10, isa).relu()
+
+    for rows in (3, 5):
+        x = torch.randn(rows, 24)
+        torch.testing.assert_close(layer(x), F.linear(x * 2, w, b).relu())
+
+
 def test_model_linears_swap_in_place() -> None:
-    """Plain fp32 nn.Linear layers become NativeLinear with the same parameters (a tied weight
-    stays one tensor); subclasses and other dtypes are left alone; outputs are F.linear's."""
+    """Plain fp32 nn.Linear layers become PackedLinear (the weight replaced by its panels) or,
+    where the weight is tied, NativeLinear on that same tensor; the other parameters stay the
+    same objects; subclasses and other dtypes are left alone; outputs are F.linear's."""
 
     class Quantized(nn.Linear):  # stands for bitsandbytes' layers, which subclass nn.Linear
         pass
@@ -122,21 +204,23 @@ def test_model_linears_swap_in_place() -> None:
     x = torch.randn(3, 16)
     with torch.no_grad():
         want = model["head"](model["down"](model["up"](x)))
+        up_weight = model["up"].weight.detach().clone()
         params = {name: p for name, p in model.named_parameters()}
         swapped = use_native_linears(model)
         if cpu_linear.default_isa() == "baseline":
             assert swapped == 0
             return
         assert swapped == 3
-        assert {name for name, m in model.items() if isinstance(m, NativeLinear)} == {
-            "up",
-            "down",
-            "head",
-        }
-        assert type(model["quantized"]) is Quantized
-        assert type(model["bf16"]) is nn.Linear
-        assert model["head"].weight is embed.weight
-        assert all(p is params[name] for name, p in model.named_parameters())
+        kinds = {name: type(m) for name, m in model.items()}
+        assert kinds["up"] is PackedLinear and kinds["down"] is PackedLinear
+        assert kinds["head"] is NativeLinear and model["head"].weight is embed.weight
+        assert kinds["quantized"] is Quantized and kinds["bf16"] is nn.Linear
+        assert "weight" not in dict(model["up"].named_parameters())
+        assert torch.equal(model["up"].panels, cpu_linear.pack_weight(up_weight))
+        assert not any(key.endswith("panels") for key in model.state_dict())  # not persistent
+        now = dict(model.named_parameters())
+        assert now.keys() == params.keys() - {"up.weight", "down.weight"}
+        assert all(p is params[name] for name, p in now.items())
         got = model["head"](model["down"](model["up"](x)))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
