@@ -1,12 +1,13 @@
-// torch.ops.prefixserve.linear: y = x W^T + b on CPU, with a kernel of our own for few rows.
+// torch.ops.prefixserve.linear and linear_packed: y = x W^T + b on CPU with kernels of our own.
 //
-// Registration, input validation and the choice of kernel; the skinny kernel itself is
-// cpu_linear_kernel.cpp, built once per ISA. Python wrapper: prefixserve.kernels.cpu_linear;
-// reference: torch.nn.functional.linear.
+// Registration, input validation and the choice of kernel; the kernels themselves are
+// cpu_linear_kernel.cpp and cpu_linear_panels.cpp, built once per ISA. Python wrapper:
+// prefixserve.kernels.cpu_linear; reference: torch.nn.functional.linear.
 //
-// fp32 inputs of up to kMaxSkinnyRows rows (after flattening the leading dimensions) run the
-// skinny kernel, which reads the weight once at close to the memory bandwidth; everything else
-// (more rows, other dtypes) runs at::linear, so the op is a drop-in for F.linear.
+// linear: fp32 inputs of up to kMaxSkinnyRows rows (after flattening the leading dimensions)
+// run the skinny kernel, which reads nn.Linear's weight once at close to the memory bandwidth;
+// everything else (more rows, other dtypes) runs at::linear, so the op is a drop-in for F.linear.
+// linear_packed: fp32 only, any number of rows, on the weight packed as panels (kPanel).
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>

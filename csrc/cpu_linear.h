@@ -1,5 +1,6 @@
-// Skinny linear layers on CPU: what the op registration (cpu_linear.cpp) and the per-ISA builds
-// of the kernel (cpu_linear_kernel.cpp) share.
+// Linear layers on CPU: what the ops' registration (cpu_linear.cpp) and the per-ISA builds of
+// their kernels share: on nn.Linear's own weight for few rows (cpu_linear_kernel.cpp), and on a
+// weight packed as panels for any number of rows (cpu_linear_panels.cpp).
 //
 // Reference: torch.nn.functional.linear.
 #pragma once

@@ -73,7 +73,7 @@ def use_native_linears(model: nn.Module) -> int:
     if isa == "baseline":
         return 0
     owners = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
-    count = 0
+    count = packed = 0
     for module in model.modules():
         weight = getattr(module, "weight", None)
         if (
@@ -90,8 +90,29 @@ def use_native_linears(model: nn.Module) -> int:
                 module.register_buffer("panels", panels, persistent=False)
                 module.__class__ = PackedLinear
             module.isa = isa
+            packed += type(module) is PackedLinear
             count += 1
+    if packed:
+        _release_checkpoint(model)
     return count
+
+
+def _release_checkpoint(model: nn.Module) -> None:
+    """Copy the parameters and buffers that were not packed into memory of their own.
+
+    transformers maps a safetensors checkpoint into memory and its tensors view that mapping,
+    which stays as long as any of them lives. Packing read every weight, so all its pages are
+    resident, and the replaced weights' pages would stay in the process beside their panels (the
+    default model: 1.5 GiB resident instead of 1.1 after a forward). The rest (embedding, norms,
+    biases) is small; once copied, the mapping goes. Parameters stay the same objects, so tied
+    weights stay tied."""
+    with torch.no_grad():
+        for param in model.parameters():
+            param.data = param.data.clone()
+        for module in model.modules():
+            for name, buffer in module._buffers.items():
+                if buffer is not None and name != "panels":
+                    module._buffers[name] = buffer.clone()
 
 
 @functools.cache

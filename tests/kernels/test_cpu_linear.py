@@ -10,7 +10,9 @@ packed-panel op gets the same cases plus many rows (its tiles' row tails, row ch
 threads), features that leave an odd panel out or end inside a panel, and empty sums (K = 0).
 """
 
+import gc
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -222,6 +224,35 @@ def test_model_linears_swap_in_place() -> None:
         assert now.keys() == params.keys() - {"up.weight", "down.weight"}
         assert all(p is params[name] for name, p in now.items())
         got = model["head"](model["down"](model["up"](x)))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _mapped(path: Path) -> bool:
+    """Whether a file under ``path`` is mapped into this process."""
+    maps = Path("/proc/self/maps").read_text()
+    return str(path.resolve()) in maps
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps")
+def test_packing_releases_the_checkpoint_mapping(tiny_model_dir) -> None:
+    """transformers maps the safetensors file; once the weights are packed, nothing views it
+    any more (their pages would otherwise stay in the process beside the panels), and the
+    model still computes what it did."""
+    from transformers import AutoModelForCausalLM
+
+    if cpu_linear.default_isa() == "baseline":
+        pytest.skip("no vectorized ISA: linears stay ATen's")
+    path = tiny_model_dir("llama")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 5, 9, 2]])
+    with torch.no_grad():
+        want = model(ids).logits
+        mapped_before = _mapped(path)
+        assert use_native_linears(model) > 0
+        gc.collect()
+        got = model(ids).logits
+    assert mapped_before, "the test expects transformers to map the checkpoint"
+    assert not _mapped(path)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
