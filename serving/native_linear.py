@@ -10,7 +10,8 @@ layers, 1.4x ATen at 2432 rows on AVX2 and 2.8x on AVX-512, Zen 5;
 :func:`use_native_linears` turns each plain fp32 ``nn.Linear`` of a CPU model, in place, into
 
 - a :class:`PackedLinear`: its weight packed once as panels (the ``weight`` parameter is
-  replaced by the ``panels`` buffer, same memory), run by ``linear_packed``; or
+  replaced by the ``panels`` buffer, same size; the weight's pages, where they map the
+  checkpoint's file, are given back at once), run by ``linear_packed``; or
 - a :class:`NativeLinear` where its weight is tied to another module's (the default model's LM
   head is its embedding): the same parameter, run in place by ``linear``.
 
@@ -20,9 +21,12 @@ Inductor fuses around them.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
+import mmap
 from collections import Counter
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -73,7 +77,8 @@ def use_native_linears(model: nn.Module) -> int:
     if isa == "baseline":
         return 0
     owners = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
-    count = packed = 0
+    mappings = _file_mappings() if hasattr(mmap, "MADV_DONTNEED") else []
+    count = 0
     for module in model.modules():
         weight = getattr(module, "weight", None)
         if (
@@ -86,33 +91,51 @@ def use_native_linears(model: nn.Module) -> int:
                 module.__class__ = NativeLinear
             else:
                 panels = cpu_linear.pack_weight(weight.detach())
+                _drop_file_pages(weight, mappings)
                 del module.weight
                 module.register_buffer("panels", panels, persistent=False)
                 module.__class__ = PackedLinear
             module.isa = isa
-            packed += type(module) is PackedLinear
             count += 1
-    if packed:
-        _release_checkpoint(model)
     return count
 
 
-def _release_checkpoint(model: nn.Module) -> None:
-    """Copy the parameters and buffers that were not packed into memory of their own.
+def _file_mappings() -> list[tuple[int, int]]:
+    """Address ranges of this process mapped from files (``/proc/self/maps``; none elsewhere)."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    ranges = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith("/"):
+            lo, hi = fields[0].split("-")
+            ranges.append((int(lo, 16), int(hi, 16)))
+    return ranges
 
-    transformers maps a safetensors checkpoint into memory and its tensors view that mapping,
-    which stays as long as any of them lives. Packing read every weight, so all its pages are
-    resident, and the replaced weights' pages would stay in the process beside their panels (the
-    default model: 1.5 GiB resident instead of 1.1 after a forward). The rest (embedding, norms,
-    biases) is small; once copied, the mapping goes. Parameters stay the same objects, so tied
-    weights stay tied."""
-    with torch.no_grad():
-        for param in model.parameters():
-            param.data = param.data.clone()
-        for module in model.modules():
-            for name, buffer in module._buffers.items():
-                if buffer is not None and name != "panels":
-                    module._buffers[name] = buffer.clone()
+
+def _drop_file_pages(weight: torch.Tensor, mappings: list[tuple[int, int]]) -> None:
+    """Give back the pages of a weight just packed, where they map the checkpoint's file.
+
+    transformers maps a safetensors checkpoint into memory and the weights view that mapping,
+    which stays as long as any tensor views it. Packing reads a weight, so its pages become
+    resident, and they would stay beside the panels: the process would hold the model twice
+    until the last weight is packed, and its untied weights twice after. Here only the pages
+    wholly inside this weight's bytes are dropped, and only in a file mapping: whatever reads
+    them again (nothing should) reads the file. Memory of the allocator is never touched."""
+    start = weight.data_ptr()
+    end = start + weight.numel() * weight.element_size()
+    if not any(lo <= start and end <= hi for lo, hi in mappings):
+        return
+    lo, hi = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
+    if hi > lo:
+        _libc().madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), mmap.MADV_DONTNEED)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
 
 
 @functools.cache

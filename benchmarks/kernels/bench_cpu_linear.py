@@ -1,14 +1,16 @@
-"""Microbenchmark of the native CPU linear op against ``F.linear`` (ATen's GEMM), fp32.
+"""Microbenchmark of the native CPU linear ops against ``F.linear`` (ATen's GEMM), fp32.
 
     python benchmarks/kernels/bench_cpu_linear.py [--rows 1 2 38 64] [--rounds 7] [--smoke]
 
 The work is what one step of the default model (SmolLM2-135M) does in its linear layers: 30
 layers of q, k, v, o (576 -> 576, 192, 192, 576) and gate, up, down (576 -> 1536, 1536 -> 576),
 each with its own weight (106M parameters, 424 MB, more than any cache), for ``rows`` tokens.
-Contenders: ATen, and the op on every instruction set this CPU runs. The machines this runs on
-drift in speed over minutes, so each round times every contender once, in rotating order, and
-the table reports medians over rounds, with the op's time as a fraction of ATen's and its
-GFLOP/s (2 x rows x parameters per pass). Prints a table and writes JSON.
+Contenders: ATen, and on every vectorized instruction set this CPU runs ``linear_packed`` (the
+weights packed as panels, as the engine runs its untied linears) and ``linear`` (on the weights
+as they are, as the engine runs a tied LM head; up to its 64 rows, beyond which it is ATen).
+The machines this runs on drift in speed over minutes, so each round times every contender once,
+in rotating order, and the table reports medians over rounds, with each time as a fraction of
+ATen's and the GFLOP/s (2 x rows x parameters per pass). Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -32,17 +34,26 @@ LAYER_SHAPES += [(576, 1536)]
 LAYERS = 30
 
 
-def contenders() -> dict[str, Callable[..., torch.Tensor]]:
-    out: dict[str, Callable[..., torch.Tensor]] = {"aten": F.linear}
+Contender = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""(x, weight, panels) -> y."""
+
+
+def contenders(rows: int) -> dict[str, Contender]:
+    out: dict[str, Contender] = {"aten": lambda x, w, p: F.linear(x, w)}
     for isa in cpu_linear.cpu_isas():
-        if isa != "baseline":
-            out[f"op {isa}"] = lambda x, w, isa=isa: cpu_linear.linear(x, w, None, isa)
+        if isa == "baseline":
+            continue
+        out[f"packed {isa}"] = lambda x, w, p, isa=isa: cpu_linear.linear_packed(
+            x, p, None, w.shape[0], isa
+        )
+        if rows <= cpu_linear.MAX_SKINNY_ROWS:
+            out[f"linear {isa}"] = lambda x, w, p, isa=isa: cpu_linear.linear(x, w, None, isa)
     return out
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 38, 64])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 38, 64, 256, 2432])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument(
         "--smoke", action="store_true", help="2 layers, 2 rounds (a test runs this)"
@@ -50,41 +61,46 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default="benchmarks/results/cpu_linear.json")
     args = parser.parse_args(argv)
     layers, rounds = (2, 2) if args.smoke else (LAYERS, args.rounds)
-    rows_list = [1, 2, 38] if args.smoke else args.rows
+    rows_list = [1, 2, 38, 65] if args.smoke else args.rows
 
     cpu_linear.load()
     torch.manual_seed(0)
     weights = [torch.randn(n, k) * 0.02 for _ in range(layers) for n, k in LAYER_SHAPES]
+    panels = [cpu_linear.pack_weight(w) for w in weights]
     params = sum(w.numel() for w in weights)
-    funcs = contenders()
+    names = list(contenders(1))
     print(f"{layers} layers, {params / 1e6:.0f}M parameters, {torch.get_num_threads()} threads")
-    print(f"{'rows':>5} " + " ".join(f"{name:>22}" for name in funcs))
+    print(f"{'rows':>5} " + " ".join(f"{name:>24}" for name in names))
     results = []
     for rows in rows_list:
+        funcs = contenders(rows)
         inputs = {k: torch.randn(rows, k) for k in {k for _, k in LAYER_SHAPES}}
         for f in funcs.values():  # correct before timed
-            w = weights[-1]
-            want = F.linear(inputs[w.shape[1]].double(), w.double())
-            torch.testing.assert_close(f(inputs[w.shape[1]], w).double(), want, rtol=0, atol=1e-3)
+            x, w, p = inputs[weights[-1].shape[1]], weights[-1], panels[-1]
+            want = F.linear(x.double(), w.double())
+            torch.testing.assert_close(f(x, w, p).double(), want, rtol=0, atol=1e-3)
 
-        def one_pass(f: Callable[..., torch.Tensor], inputs: dict = inputs) -> None:
-            for w in weights:
-                f(inputs[w.shape[1]], w)
+        def one_pass(f: Contender, inputs: dict = inputs) -> None:
+            for w, p in zip(weights, panels, strict=True):
+                f(inputs[w.shape[1]], w, p)
 
         samples: dict[str, list[float]] = {name: [] for name in funcs}
-        names = list(funcs)
-        for r in range(rounds):
-            for name in names[r % len(names) :] + names[: r % len(names)]:
+        order = list(funcs)
+        for r in range(rounds if rows <= 256 else min(rounds, 3)):
+            for name in order[r % len(order) :] + order[: r % len(order)]:
                 one_pass(funcs[name])  # warm: the weights leave the caches again meanwhile
                 start = time.perf_counter()
                 one_pass(funcs[name])
                 samples[name].append((time.perf_counter() - start) * 1e3)
         ms = {name: statistics.median(s) for name, s in samples.items()}
         cells = []
-        for name in funcs:
+        for name in names:
+            if name not in ms:
+                cells.append("-".rjust(24))
+                continue
             gflops = 2 * rows * params / ms[name] / 1e6
             ratio = "" if name == "aten" else f" {ms[name] / ms['aten']:.2f}x"
-            cells.append(f"{ms[name]:7.2f} ms {gflops:4.0f} GF{ratio}".rjust(22))
+            cells.append(f"{ms[name]:7.1f} ms {gflops:4.0f} GF{ratio}".rjust(24))
         print(f"{rows:>5} " + " ".join(cells), flush=True)
         results.append({"rows": rows, "ms": ms, "samples_ms": samples})
 

@@ -23,7 +23,9 @@ def test_cpu_linear_benchmark_smoke_paths(monkeypatch, tmp_path):
     import bench_cpu_linear
 
     report = bench_cpu_linear.main(["--smoke", "--out", str(tmp_path / "linear.json")])
-    assert [r["rows"] for r in report["results"]] == [1, 2, 38]
+    assert [r["rows"] for r in report["results"]] == [1, 2, 38, 65]
     assert all(ms > 0 for r in report["results"] for ms in r["ms"].values())
-    assert "aten" in report["results"][0]["ms"]
+    first, last = report["results"][0]["ms"], report["results"][-1]["ms"]
+    assert "aten" in first and len(first) == 1 + 2 * sum(i != "baseline" for i in report["isas"])
+    assert not any(name.startswith("linear") for name in last)  # ATen's beyond 64 rows
     assert (tmp_path / "linear.json").is_file()

@@ -10,7 +10,6 @@ packed-panel op gets the same cases plus many rows (its tiles' row tails, row ch
 threads), features that leave an odd panel out or end inside a panel, and empty sums (K = 0).
 """
 
-import gc
 import logging
 from pathlib import Path
 
@@ -227,32 +226,50 @@ def test_model_linears_swap_in_place() -> None:
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def _mapped(path: Path) -> bool:
-    """Whether a file under ``path`` is mapped into this process."""
-    maps = Path("/proc/self/maps").read_text()
-    return str(path.resolve()) in maps
+def _resident_kib(path: Path) -> int:
+    """KiB of this process's memory resident in mappings of the file ``path``."""
+    total, current = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5 and not fields[0].endswith(":"):
+            current = fields[-1] == str(path.resolve())
+        elif current and fields[0] == "Rss:":
+            total += int(fields[1])
+    return total
 
 
-@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps")
-def test_packing_releases_the_checkpoint_mapping(tiny_model_dir) -> None:
-    """transformers maps the safetensors file; once the weights are packed, nothing views it
-    any more (their pages would otherwise stay in the process beside the panels), and the
-    model still computes what it did."""
-    from transformers import AutoModelForCausalLM
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads /proc/self/smaps")
+def test_packing_gives_back_the_checkpoint_pages(tmp_path) -> None:
+    """transformers maps the safetensors file and its weights view it: once a weight is packed,
+    its pages leave the process (else the model would be held twice), and the model still
+    computes what it did."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
     if cpu_linear.default_isa() == "baseline":
         pytest.skip("no vectorized ISA: linears stay ATen's")
-    path = tiny_model_dir("llama")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    file = tmp_path / "model.safetensors"
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     ids = torch.tensor([[1, 5, 9, 2]])
     with torch.no_grad():
-        want = model(ids).logits
-        mapped_before = _mapped(path)
+        want = model(ids).logits  # every weight read: all pages resident
+        before = _resident_kib(file)
+        linear_kib = sum(m.weight.numel() * 4 for m in model.modules() if type(m) is nn.Linear)
+        linear_kib //= 1024
         assert use_native_linears(model) > 0
-        gc.collect()
+        after = _resident_kib(file)
         got = model(ids).logits
-    assert mapped_before, "the test expects transformers to map the checkpoint"
-    assert not _mapped(path)
+    assert before >= linear_kib, "the test expects transformers to map the checkpoint"
+    assert before - after >= 0.9 * linear_kib, (before, after, linear_kib)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
