@@ -1,17 +1,11 @@
-// torch.ops.prefixserve.linear and linear_packed: y = x W^T + b on CPU with kernels of our own.
+// torch.ops.prefixserve.linear_packed: y = x W^T + b on CPU, fp32, W packed as panels (kPanel).
 //
-// Registration, input validation and the choice of kernel; the kernels themselves are
-// cpu_linear_kernel.cpp and cpu_linear_panels.cpp, built once per ISA. Python wrapper:
-// prefixserve.kernels.cpu_linear; reference: torch.nn.functional.linear.
-//
-// linear: fp32 inputs of up to kMaxSkinnyRows rows (after flattening the leading dimensions)
-// run the skinny kernel, which reads nn.Linear's weight once at close to the memory bandwidth;
-// everything else (more rows, other dtypes) runs at::linear, so the op is a drop-in for F.linear.
-// linear_packed: fp32 only, any number of rows, on the weight packed as panels (kPanel).
+// Registration, input validation and the choice of the ISA's build of the kernel
+// (cpu_linear_kernel.cpp). Python wrapper and packing: prefixserve.kernels.cpu_linear;
+// reference: torch.nn.functional.linear.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/linear.h>
 #include <c10/util/accumulate.h>
 #include <torch/library.h>
 
@@ -22,14 +16,6 @@ namespace prefixserve::cpu {
 namespace {
 
 void run_kernel(c10::string_view isa, const LinearArgs& args) {
-#if defined(__x86_64__)
-  if (isa == "avx512") return avx512::skinny_linear(args);
-  if (isa == "avx2") return avx2::skinny_linear(args);
-#endif
-  baseline::skinny_linear(args);
-}
-
-void run_panel_kernel(c10::string_view isa, const LinearArgs& args) {
 #if defined(__x86_64__)
   if (isa == "avx512") return avx512::panel_linear(args);
   if (isa == "avx2") return avx2::panel_linear(args);
@@ -42,40 +28,6 @@ at::Tensor output_for(const at::Tensor& input, int64_t n) {
   std::vector<int64_t> sizes(input.sizes().begin(), input.sizes().end());
   sizes.back() = n;
   return at::empty(sizes, input.options());
-}
-
-at::Tensor linear(const at::Tensor& input, const at::Tensor& weight,
-                  const std::optional<at::Tensor>& bias, c10::string_view isa) {
-  check_isa("linear", isa);
-  TORCH_CHECK(input.dim() >= 1 && weight.dim() == 2 && input.size(-1) == weight.size(1),
-              "linear: input ", input.sizes(), " does not match weight ", weight.sizes());
-  const bool has_bias = bias.has_value() && bias->defined();
-  const int64_t k = weight.size(1), n = weight.size(0);
-  const int64_t m = k > 0 ? input.numel() / k : 0;
-  const bool skinny = input.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat &&
-                      (!has_bias || bias->scalar_type() == at::kFloat) && input.is_cpu() &&
-                      weight.is_cpu() && m > 0 && m <= kMaxSkinnyRows && k > 0;
-  if (!skinny) return at::linear(input, weight, bias);
-  TORCH_CHECK(!has_bias || (bias->dim() == 1 && bias->size(0) == n), "linear: bias ",
-              bias->sizes(), " does not match weight ", weight.sizes());
-
-  const at::Tensor x = input.reshape({m, k});
-  const at::Tensor x_rows = x.stride(1) == 1 ? x : x.contiguous();
-  const at::Tensor w = weight.contiguous();
-  const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
-  at::Tensor y = output_for(input, n);
-
-  LinearArgs args{};
-  args.x = x_rows.data_ptr<float>();
-  args.x_stride = x_rows.stride(0);
-  args.weight = w.data_ptr<float>();
-  args.bias = has_bias ? b.data_ptr<float>() : nullptr;
-  args.y = y.data_ptr<float>();
-  args.m = m;
-  args.n = n;
-  args.k = k;
-  run_kernel(isa, args);
-  return y;
 }
 
 at::Tensor linear_packed(const at::Tensor& input, const at::Tensor& panels,
@@ -111,13 +63,13 @@ at::Tensor linear_packed(const at::Tensor& input, const at::Tensor& panels,
   LinearArgs args{};
   args.x = x_rows.data_ptr<float>();
   args.x_stride = x_rows.stride(0);
-  args.weight = w.data_ptr<float>();
+  args.panels = w.data_ptr<float>();
   args.bias = has_bias ? b.data_ptr<float>() : nullptr;
   args.y = y.data_ptr<float>();
   args.m = m;
   args.n = out_features;
   args.k = k;
-  run_panel_kernel(isa, args);
+  run_kernel(isa, args);
   return y;
 }
 
@@ -125,13 +77,11 @@ at::Tensor linear_packed(const at::Tensor& input, const at::Tensor& panels,
 }  // namespace prefixserve::cpu
 
 TORCH_LIBRARY_FRAGMENT(prefixserve, m) {
-  m.def("linear(Tensor input, Tensor weight, Tensor? bias, str isa) -> Tensor");
   m.def(
       "linear_packed(Tensor input, Tensor panels, Tensor? bias, int out_features, str isa) "
       "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(prefixserve, CPU, m) {
-  m.impl("linear", &prefixserve::cpu::linear);
   m.impl("linear_packed", &prefixserve::cpu::linear_packed);
 }

@@ -1,34 +1,28 @@
-// The skinny linear kernels, compiled once per instruction set (kernels/cpu_build.py builds this
-// file with -DPREFIXSERVE_ISA=<name> and that ISA's flags, as cpu_attention_kernel.cpp).
+// The linear kernel, compiled once per instruction set (kernels/cpu_build.py builds this file
+// with -DPREFIXSERVE_ISA=<name> and that ISA's flags, as cpu_attention_kernel.cpp).
 //
-// y = x W^T + b for few rows of x (a decode step, a short prompt). With few rows a linear layer
-// is bound by reading its weight once from memory, and a general GEMM that packs panels of W
-// for many rows reads it at well under the machine's bandwidth. Here W stays in nn.Linear's
-// [N, K] layout, nothing is repacked, and the threads split the output features N. Two kinds
-// of register tile:
+// y = x W^T + b with W packed once, at load, as panels [ceil(N / 16), K, 16]: panel p holds
+// W^T[:, 16p : 16p + 16], each k's 16 weights contiguous (zeros past N). A register tile of MR
+// rows of x times NP panels accumulates outer products along K: per k, the NP panels' weights
+// are loaded as vectors, each row's x[m, k] is broadcast, and MR x NP x (16 / lanes) FMAs add
+// into accumulators that already hold outputs in y's own layout. Nothing is reduced across
+// lanes and no lane is padding (the rows are not vectorized). On nn.Linear's own [N, K] layout
+// a kernel must either end its dot products in lane reductions or pack the rows transposed and
+// pad them to whole vectors: both measured slower (at 38 rows on AVX-512, Zen 5: about 160-190
+// and 225 GFLOP/s against 307 here, 64 rows x 49152 features of an LM head 2.5x slower). Each panel's
+// weights stream from memory once per call; the tiles of further rows find them in L2.
 //
-// - Dot products (any ISA; up to 11 rows on AVX-512, every row count elsewhere): a tile of MR
-//   rows of x times NR rows of W keeps MR x NR dot products in vector registers along K (each
-//   W vector loaded once per tile serves MR rows, each x vector NR features), then reduces each
-//   across its lanes. For more rows than one tile, the tiles of x run over the same NR rows of
-//   W while they are in L1, so W still comes from memory once, and the next NR rows of W are
-//   prefetched meanwhile (at 38 rows this alone cuts the time by a third).
-// - Outer products (AVX-512, from 12 rows): with more rows the lane reductions of the dot
-//   products, 16 lanes wide, cost a growing share. Instead x, which is small, is packed once per
-//   call transposed, xt [K, MP] (MP = M rounded up to whole vectors, zeros beyond M), and a tile
-//   of MV vectors of rows times 8 features accumulates along K: per k, MV vectors of xt[k] times
-//   8 weights W[n, k] broadcast, MV x 8 FMAs and nothing to reduce. Each of the tile's 8 rows of
-//   W is a sequential stream, read once per 48 rows. With AVX2's 16 registers the tile would be
-//   3 x 4 and measured slower than the dot products (128 vs 167 GFLOP/s at 38 rows, Zen 5).
+// Tiles: AVX-512 12 rows x 2 panels (24 of its 32 registers accumulate); with AVX2's 16
+// registers 3 rows x 2 panels (12 accumulators), which measured faster than 6 rows x 1 panel.
+// Threads split the panels in pairs, and the rows in chunks when there are many.
 //
-// Reference: torch.nn.functional.linear.
+// Reference: torch.nn.functional.linear (with W = the panels unpacked).
 
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
-#include <memory>
 
 #include "cpu_linear.h"
 
@@ -40,178 +34,90 @@ namespace prefixserve::cpu::PREFIXSERVE_ISA {
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
-constexpr int64_t kLanes = Vec::size();
-constexpr int64_t kFeaturesPerTask = 16;  ///< output features per unit of parallel work
-constexpr int kToL2 = 2;                  ///< __builtin_prefetch locality (prefetcht1)
-constexpr int kRegisters = kLanes >= 16 ? 32 : 16;  ///< vector registers of the ISA
-/// Rows from which the outer-product tiles run (AVX-512 only; both kinds tie at 10-12 rows).
-constexpr int64_t kOuterMinRows = kRegisters >= 32 ? 12 : kMaxSkinnyRows + 1;
-/// Dot-product tile widths: 8 features for one row; for two rows as many as the registers hold
-/// (2 x NR accumulators, NR weight vectors and 2 of x); 3 x 4 for more.
-constexpr int kPairFeatures = kRegisters >= 32 ? 8 : 4;
+constexpr int kLanes = Vec::size();
+constexpr int kPanelVectors = kPanel / kLanes;  ///< vectors per panel (1 on AVX-512, 2 on AVX2)
+static_assert(kPanel % kLanes == 0, "a panel is whole vectors");
+constexpr int kTilePanels = 2;                  ///< NP of a full tile
+constexpr bool kManyRegisters = kLanes >= 16;   ///< AVX-512's 32 vector registers
+constexpr int kTileRows = kManyRegisters ? 12 : 3;  ///< MR of a full tile
+constexpr int64_t kRowChunk = 20 * kTileRows;   ///< rows per task once there are more
 
-/// y[m, n] = x[m, :] . w[n, :] (+ bias[n]) for MR rows of x and NR rows of w.
-template <int MR, int NR>
-inline void tile(const LinearArgs& a, const float* x, const float* w, const float* bias,
-                 float* y) {
+/// y[MR rows, NP panels' features from panel] = x[MR rows] W^T (+ bias).
+template <int MR, int NP>
+inline void tile(const LinearArgs& a, const float* x, int64_t panel, float* y) {
+  constexpr int NV = NP * kPanelVectors;
   const int64_t k = a.k;
-  Vec acc[MR][NR];
+  const float* w = a.panels + panel * k * kPanel;
+  Vec acc[MR][NV];
   for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) acc[i][j] = Vec(0.f);
-  int64_t d = 0;
-  for (; d + kLanes <= k; d += kLanes) {
-    Vec wv[NR];
-    for (int j = 0; j < NR; ++j) wv[j] = Vec::loadu(w + j * k + d);
+    for (int v = 0; v < NV; ++v) acc[i][v] = Vec(0.f);
+  for (int64_t d = 0; d < k; ++d) {
+    Vec wv[NV];
+    for (int p = 0; p < NP; ++p)
+      for (int v = 0; v < kPanelVectors; ++v)
+        wv[p * kPanelVectors + v] = Vec::loadu(w + (p * k + d) * kPanel + v * kLanes);
     for (int i = 0; i < MR; ++i) {
-      const Vec xv = Vec::loadu(x + i * a.x_stride + d);
-      for (int j = 0; j < NR; ++j) acc[i][j] = at::vec::fmadd(xv, wv[j], acc[i][j]);
+      const Vec xb(x[i * a.x_stride + d]);
+      for (int v = 0; v < NV; ++v) acc[i][v] = at::vec::fmadd(xb, wv[v], acc[i][v]);
     }
   }
+  const int64_t n0 = panel * kPanel;
+  const int64_t valid = std::min<int64_t>(NP * kPanel, a.n - n0);
   for (int i = 0; i < MR; ++i) {
-    for (int j = 0; j < NR; ++j) {
-      float s = at::vec::vec_reduce_all<float>([](Vec& p, Vec& q) { return p + q; }, acc[i][j]);
-      for (int64_t t = d; t < k; ++t) s += x[i * a.x_stride + t] * w[j * k + t];
-      y[i * a.n + j] = bias ? s + bias[j] : s;
+    float* row = y + i * a.n;
+    if (valid == NP * kPanel) {
+      for (int v = 0; v < NV; ++v) {
+        Vec out = acc[i][v];
+        if (a.bias) out = out + Vec::loadu(a.bias + n0 + v * kLanes);
+        out.store(row + v * kLanes);
+      }
+    } else {  // the last panel runs past N: through a buffer
+      alignas(64) float lanes[NP * kPanel];
+      for (int v = 0; v < NV; ++v) acc[i][v].store(lanes + v * kLanes);
+      for (int64_t j = 0; j < valid; ++j) row[j] = lanes[j] + (a.bias ? a.bias[n0 + j] : 0.f);
     }
   }
 }
 
-/// Every row of x times the NR features of W from n: MR rows at a time, then one at a time.
-/// While the MR-row passes run over this tile's weights (from L1 after the first), the next
-/// tile's weights are prefetched into L2, spread evenly over the passes: they come from memory,
-/// and without this every tile would wait for its first pass to bring them in.
-template <int MR, int NR>
-inline void rows(const LinearArgs& a, int64_t n, int64_t n_end) {
-  const float* w = a.weight + n * a.k;
-  const float* b = a.bias ? a.bias + n : nullptr;
-  const char* next = reinterpret_cast<const char*>(w + NR * a.k);
-  // (A single row is one pass that streams W: the hardware prefetcher keeps up with it.)
-  const bool prefetch = MR > 1 && n + 2 * NR <= n_end;
-  const int64_t next_lines = prefetch ? NR * a.k * int64_t{sizeof(float)} / 64 : 0;
-  const int64_t passes = a.m / MR;
-  const int64_t lines_per_pass = passes > 0 ? (next_lines + passes - 1) / passes : 0;
-  int64_t m = 0, line = 0;
-  for (; m + MR <= a.m; m += MR) {
-    for (const int64_t end = std::min(next_lines, line + lines_per_pass); line < end; ++line) {
-      __builtin_prefetch(next + line * 64, 0, kToL2);
-    }
-    tile<MR, NR>(a, a.x + m * a.x_stride, w, b, a.y + m * a.n + n);
+/// Rows [m0, m1) times NP panels from panel: full tiles, then the rest in halving tiles.
+template <int NP>
+void rows(const LinearArgs& a, int64_t panel, int64_t m0, int64_t m1) {
+  const int64_t n0 = panel * kPanel;
+  int64_t m = m0;
+  auto run = [&]<int MR>() {
+    tile<MR, NP>(a, a.x + m * a.x_stride, panel, a.y + m * a.n + n0);
+    m += MR;
+  };
+  while (m + kTileRows <= m1) run.template operator()<kTileRows>();
+  if constexpr (kTileRows > 8) {
+    if (m + 8 <= m1) run.template operator()<8>();
   }
-  if constexpr (MR > 2) {
-    if (m + 2 <= a.m) {
-      tile<2, NR>(a, a.x + m * a.x_stride, w, b, a.y + m * a.n + n);
-      m += 2;
-    }
+  if constexpr (kTileRows > 4) {
+    if (m + 4 <= m1) run.template operator()<4>();
   }
-  for (; m < a.m; ++m) tile<1, NR>(a, a.x + m * a.x_stride, w, b, a.y + m * a.n + n);
-}
-
-/// Every row of x times the features [n0, n1) of W, NR features at a time.
-template <int MR, int NR>
-void features(const LinearArgs& a, int64_t n0, int64_t n1) {
-  int64_t n = n0;
-  for (; n + NR <= n1; n += NR) rows<MR, NR>(a, n, n1);
-  for (; n < n1; ++n) rows<MR, 1>(a, n, n1);
-}
-
-// ---- Outer-product tiles (see the top of the file) ---------------------------------------------
-
-constexpr int kOuterFeatures = 8;  ///< NR: features per outer-product tile
-constexpr int kMaxRowVectors = 3;  ///< MV of a full pass: 24 accumulators, 3 of xt, 1 broadcast
-
-/// y[rows m0.., features of w] = xt[:, m0 : m0 + MV * L]^T w^T (+ bias): acc[j][v] += xt[d, v]
-/// * w[j, d] along d.
-template <int MV, int NR>
-inline void outer_tile(const LinearArgs& a, const float* xt, int64_t mp, int64_t m0,
-                       const float* w, const float* bias, float* y) {
-  const int64_t k = a.k;
-  Vec acc[NR][MV];
-  for (int j = 0; j < NR; ++j)
-    for (int v = 0; v < MV; ++v) acc[j][v] = Vec(0.f);
-  const float* xd = xt + m0;
-  for (int64_t d = 0; d < k; ++d, xd += mp) {
-    Vec xv[MV];
-    for (int v = 0; v < MV; ++v) xv[v] = Vec::loadu(xd + v * kLanes);
-    for (int j = 0; j < NR; ++j) {
-      const Vec wb(w[j * k + d]);
-      for (int v = 0; v < MV; ++v) acc[j][v] = at::vec::fmadd(xv[v], wb, acc[j][v]);
-    }
-  }
-  // acc[j][v] holds feature j of MV * L rows: stored through a buffer, one row at a time.
-  alignas(64) float lanes[kLanes];
-  const int64_t rows = std::min<int64_t>(MV * kLanes, a.m - m0);
-  for (int j = 0; j < NR; ++j) {
-    const float b = bias ? bias[j] : 0.f;
-    for (int v = 0; v < MV && v * kLanes < rows; ++v) {
-      acc[j][v].store(lanes);
-      const int64_t valid = std::min<int64_t>(kLanes, rows - v * kLanes);
-      for (int64_t l = 0; l < valid; ++l) y[(v * kLanes + l) * a.n + j] = lanes[l] + b;
-    }
-  }
-}
-
-/// Every row times the NR features of W from n: passes of kMaxRowVectors vectors of rows over
-/// the same NR rows of W (from L1 after the first), the last pass with what remains.
-template <int NR>
-inline void outer_rows(const LinearArgs& a, const float* xt, int64_t mp, int64_t n) {
-  const float* w = a.weight + n * a.k;
-  const float* b = a.bias ? a.bias + n : nullptr;
-  int64_t m = 0;
-  for (; m + kMaxRowVectors * kLanes <= mp; m += kMaxRowVectors * kLanes) {
-    outer_tile<kMaxRowVectors, NR>(a, xt, mp, m, w, b, a.y + m * a.n + n);
-  }
-  const int64_t left = (mp - m) / kLanes;
-  if (left == 2) outer_tile<2, NR>(a, xt, mp, m, w, b, a.y + m * a.n + n);
-  if (left == 1) outer_tile<1, NR>(a, xt, mp, m, w, b, a.y + m * a.n + n);
-  static_assert(kMaxRowVectors == 3, "the passes above cover at most 2 vectors left over");
-}
-
-/// Every row times the features [n0, n1) of W, NR features at a time.
-void outer_features(const LinearArgs& a, const float* xt, int64_t mp, int64_t n0, int64_t n1) {
-  int64_t n = n0;
-  for (; n + kOuterFeatures <= n1; n += kOuterFeatures) outer_rows<kOuterFeatures>(a, xt, mp, n);
-  for (; n < n1; ++n) outer_rows<1>(a, xt, mp, n);
-}
-
-/// xt [K, MP] <- x [M, K] transposed, rows M..MP zero; threads split K.
-void pack_transposed(const LinearArgs& a, int64_t mp, float* xt) {
-  at::parallel_for(0, a.k, 64, [&](int64_t d0, int64_t d1) {
-    for (int64_t d = d0; d < d1; ++d) {
-      float* row = xt + d * mp;
-      for (int64_t m = 0; m < a.m; ++m) row[m] = a.x[m * a.x_stride + d];
-      std::fill(row + a.m, row + mp, 0.f);
-    }
-  });
-}
-
-/// Threads split the output features in tasks of kFeaturesPerTask; body(n0, n1) does [n0, n1).
-template <typename Body>
-void for_features(const LinearArgs& a, const Body& body) {
-  const int64_t tasks = (a.n + kFeaturesPerTask - 1) / kFeaturesPerTask;
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    body(begin * kFeaturesPerTask, std::min(end * kFeaturesPerTask, a.n));
-  });
+  if (m + 2 <= m1) run.template operator()<2>();
+  if (m < m1) run.template operator()<1>();
 }
 
 }  // namespace
 
-void skinny_linear(const LinearArgs& args) {
-  if (args.m == 1) {
-    for_features(args, [&](int64_t n0, int64_t n1) { features<1, 8>(args, n0, n1); });
-  } else if (args.m == 2) {
-    for_features(args, [&](int64_t n0, int64_t n1) { features<2, kPairFeatures>(args, n0, n1); });
-  } else if (args.m < kOuterMinRows) {
-    for_features(args, [&](int64_t n0, int64_t n1) { features<3, 4>(args, n0, n1); });
-  } else {
-    if constexpr (kOuterMinRows <= kMaxSkinnyRows) {
-      const int64_t mp = (args.m + kLanes - 1) / kLanes * kLanes;
-      const std::unique_ptr<float[]> xt(new float[args.k * mp]);
-      pack_transposed(args, mp, xt.get());
-      for_features(args, [&](int64_t n0, int64_t n1) {
-        outer_features(args, xt.get(), mp, n0, n1);
-      });
+void panel_linear(const LinearArgs& args) {
+  const int64_t panels = (args.n + kPanel - 1) / kPanel;
+  const int64_t groups = (panels + kTilePanels - 1) / kTilePanels;
+  const int64_t chunks = (args.m + kRowChunk - 1) / kRowChunk;
+  // Task t: panel group t / chunks, row chunk t % chunks (a thread's tasks share panels).
+  at::parallel_for(0, groups * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t panel = t / chunks * kTilePanels;
+      const int64_t m0 = t % chunks * kRowChunk;
+      const int64_t m1 = std::min(args.m, m0 + kRowChunk);
+      if (panel + kTilePanels <= panels) {
+        rows<kTilePanels>(args, panel, m0, m1);
+      } else {
+        rows<1>(args, panel, m0, m1);  // an odd panel out
+      }
     }
-  }
+  });
 }
 
 }  // namespace prefixserve::cpu::PREFIXSERVE_ISA

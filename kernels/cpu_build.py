@@ -34,7 +34,7 @@ SOURCE_DIR = Path(__file__).resolve().parents[1] / "csrc"
 """``csrc/`` of the source tree, or ``prefixserve/csrc`` of an installed package."""
 LIBRARY_NAME = "libprefixserve_cpu.so"
 REGISTRATIONS = ("cpu_attention.cpp", "cpu_linear.cpp")
-KERNELS = ("cpu_attention_kernel.cpp", "cpu_linear_kernel.cpp", "cpu_linear_panels.cpp")
+KERNELS = ("cpu_attention_kernel.cpp", "cpu_linear_kernel.cpp")
 """Kernel files, each built once per instruction set."""
 HEADERS = ("cpu_attention.h", "cpu_isa.h", "cpu_linear.h")
 COMMON_FLAGS = ("-O3", "-DNDEBUG", "-std=c++20", "-fPIC", "-fopenmp", "-fvisibility=hidden")

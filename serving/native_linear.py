@@ -1,22 +1,19 @@
-"""The model's linear layers on prefixserve's native CPU linear ops.
+"""The model's linear layers on prefixserve's native CPU linear op.
 
 A decode step of one request, or the prefill of a short prompt, multiplies a few rows by every
 weight of the model and is bound by reading them; ATen's GEMM reads them at well under the
-memory bandwidth there, the native ops (:mod:`prefixserve.kernels.cpu_linear`) at close to it,
-and their packed-panel kernel outruns ATen's GEMM at any number of rows (on the default model's
-layers, 1.4x ATen at 2432 rows on AVX2 and 2.8x on AVX-512, Zen 5;
-``benchmarks/kernels/bench_cpu_linear.py``).
+memory bandwidth there, and with many rows keeps the FMA units about half busy (on the AMD
+EPYCs measured here). The native op (:mod:`prefixserve.kernels.cpu_linear`) runs on weights
+packed once as panels, faster than ATen's GEMM at any number of rows (on the default model's
+layers at 2 threads, Zen 5: 0.33-0.44x ATen's time from 1 to 2,432 rows with AVX-512, 0.31-0.84x
+with AVX2; ``benchmarks/kernels/bench_cpu_linear.py``).
 
-:func:`use_native_linears` turns each plain fp32 ``nn.Linear`` of a CPU model, in place, into
-
-- a :class:`PackedLinear`: its weight packed once as panels (the ``weight`` parameter is
-  replaced by the ``panels`` buffer, same size; the weight's pages, where they map the
-  checkpoint's file, are given back at once), run by ``linear_packed``; or
-- a :class:`NativeLinear` where its weight is tied to another module's (the default model's LM
-  head is its embedding): the same parameter, run in place by ``linear``.
-
-Eager and compiled forwards both use them; under ``torch.compile`` the ops are opaque, so
-Inductor fuses around them.
+:func:`use_native_linears` turns each plain fp32 ``nn.Linear`` of a CPU model into a
+:class:`PackedLinear` in place. Its ``weight`` parameter is replaced by the ``panels`` buffer
+of the same size, and the weight's pages, where they map the checkpoint's file, are given back
+at once; a weight tied to another module's (the default model's LM head is its embedding) stays
+that module's and the panels are a copy. Eager and compiled forwards both use it; under
+``torch.compile`` the op is opaque, so Inductor fuses around it.
 """
 
 from __future__ import annotations
@@ -37,21 +34,11 @@ from .kernels.cpu_build import NativeBuildError
 logger = logging.getLogger(__name__)
 
 
-class NativeLinear(nn.Linear):
-    """An ``nn.Linear`` whose forward runs :func:`prefixserve.kernels.cpu_linear.linear` on its
-    own weight."""
-
-    isa: str
-    """The instruction set of the op's kernel."""
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return cpu_linear.linear(input, self.weight, self.bias, self.isa)
-
-
 class PackedLinear(nn.Linear):
-    """An ``nn.Linear`` whose weight lives only packed, as the buffer ``panels [ceil(N / 16), K,
-    16]`` (:func:`~prefixserve.kernels.cpu_linear.pack_weight`; it has no ``weight``), and whose
-    forward runs :func:`~prefixserve.kernels.cpu_linear.linear_packed`."""
+    """An ``nn.Linear`` whose weight is packed as the buffer ``panels [ceil(N / 16), K, 16]``
+    (:func:`~prefixserve.kernels.cpu_linear.pack_weight`; it keeps a ``weight`` only where that
+    is tied to another module), and whose forward runs
+    :func:`~prefixserve.kernels.cpu_linear.linear_packed`."""
 
     isa: str
     """The instruction set of the op's kernel."""
@@ -62,10 +49,10 @@ class PackedLinear(nn.Linear):
 
 
 def use_native_linears(model: nn.Module) -> int:
-    """Run ``model``'s plain fp32 CPU ``nn.Linear`` layers on the native ops; returns how many.
+    """Run ``model``'s plain fp32 CPU ``nn.Linear`` layers on the native op; returns how many.
 
-    Nothing changes (0) where the ops cannot be built or loaded (logged once per process), or
-    where this CPU runs only the baseline instruction set (the kernels are vectorized for AVX2
+    Nothing changes (0) where the op cannot be built or loaded (logged once per process), or
+    where this CPU runs only the baseline instruction set (the kernel is vectorized for AVX2
     and AVX-512; elsewhere ATen's GEMM is the better choice). Subclasses of ``nn.Linear``
     (bitsandbytes' quantized layers, adapters' wrappers) are left alone."""
     try:
@@ -87,14 +74,12 @@ def use_native_linears(model: nn.Module) -> int:
             and weight.device.type == "cpu"
             and weight.dtype == torch.float32
         ):
-            if owners[id(weight)] > 1:  # tied: packing would copy it
-                module.__class__ = NativeLinear
-            else:
-                panels = cpu_linear.pack_weight(weight.detach())
+            panels = cpu_linear.pack_weight(weight.detach())
+            if owners[id(weight)] == 1:  # not tied: the panels replace it
                 _drop_file_pages(weight, mappings)
                 del module.weight
-                module.register_buffer("panels", panels, persistent=False)
-                module.__class__ = PackedLinear
+            module.register_buffer("panels", panels, persistent=False)
+            module.__class__ = PackedLinear
             module.isa = isa
             count += 1
     return count

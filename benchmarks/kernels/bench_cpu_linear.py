@@ -1,16 +1,15 @@
-"""Microbenchmark of the native CPU linear ops against ``F.linear`` (ATen's GEMM), fp32.
+"""Microbenchmark of the native CPU linear op against ``F.linear`` (ATen's GEMM), fp32.
 
     python benchmarks/kernels/bench_cpu_linear.py [--rows 1 2 38 64] [--rounds 7] [--smoke]
 
 The work is what one step of the default model (SmolLM2-135M) does in its linear layers: 30
 layers of q, k, v, o (576 -> 576, 192, 192, 576) and gate, up, down (576 -> 1536, 1536 -> 576),
 each with its own weight (106M parameters, 424 MB, more than any cache), for ``rows`` tokens.
-Contenders: ATen, and on every vectorized instruction set this CPU runs ``linear_packed`` (the
-weights packed as panels, as the engine runs its untied linears) and ``linear`` (on the weights
-as they are, as the engine runs a tied LM head; up to its 64 rows, beyond which it is ATen).
-The machines this runs on drift in speed over minutes, so each round times every contender once,
-in rotating order, and the table reports medians over rounds, with each time as a fraction of
-ATen's and the GFLOP/s (2 x rows x parameters per pass). Prints a table and writes JSON.
+Contenders: ATen, and ``linear_packed`` (the weights packed as panels, as the engine runs
+them) on every vectorized instruction set this CPU runs. The machines this runs on drift in
+speed over minutes, so each round times every contender once, in rotating order, and the table
+reports medians over rounds, with each time as a fraction of ATen's and the GFLOP/s (2 x rows x
+parameters per pass); rows beyond 256 get at most 3 rounds. Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -38,16 +37,13 @@ Contender = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """(x, weight, panels) -> y."""
 
 
-def contenders(rows: int) -> dict[str, Contender]:
+def contenders() -> dict[str, Contender]:
     out: dict[str, Contender] = {"aten": lambda x, w, p: F.linear(x, w)}
     for isa in cpu_linear.cpu_isas():
-        if isa == "baseline":
-            continue
-        out[f"packed {isa}"] = lambda x, w, p, isa=isa: cpu_linear.linear_packed(
-            x, p, None, w.shape[0], isa
-        )
-        if rows <= cpu_linear.MAX_SKINNY_ROWS:
-            out[f"linear {isa}"] = lambda x, w, p, isa=isa: cpu_linear.linear(x, w, None, isa)
+        if isa != "baseline":
+            out[f"packed {isa}"] = lambda x, w, p, isa=isa: cpu_linear.linear_packed(
+                x, p, None, w.shape[0], isa
+            )
     return out
 
 
@@ -61,19 +57,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default="benchmarks/results/cpu_linear.json")
     args = parser.parse_args(argv)
     layers, rounds = (2, 2) if args.smoke else (LAYERS, args.rounds)
-    rows_list = [1, 2, 38, 65] if args.smoke else args.rows
+    rows_list = [1, 2, 38] if args.smoke else args.rows
 
     cpu_linear.load()
     torch.manual_seed(0)
     weights = [torch.randn(n, k) * 0.02 for _ in range(layers) for n, k in LAYER_SHAPES]
     panels = [cpu_linear.pack_weight(w) for w in weights]
     params = sum(w.numel() for w in weights)
-    names = list(contenders(1))
+    funcs = contenders()
+    names = list(funcs)
     print(f"{layers} layers, {params / 1e6:.0f}M parameters, {torch.get_num_threads()} threads")
     print(f"{'rows':>5} " + " ".join(f"{name:>24}" for name in names))
     results = []
     for rows in rows_list:
-        funcs = contenders(rows)
         inputs = {k: torch.randn(rows, k) for k in {k for _, k in LAYER_SHAPES}}
         for f in funcs.values():  # correct before timed
             x, w, p = inputs[weights[-1].shape[1]], weights[-1], panels[-1]
@@ -85,9 +81,8 @@ def main(argv: list[str] | None = None) -> dict:
                 f(inputs[w.shape[1]], w, p)
 
         samples: dict[str, list[float]] = {name: [] for name in funcs}
-        order = list(funcs)
         for r in range(rounds if rows <= 256 else min(rounds, 3)):
-            for name in order[r % len(order) :] + order[: r % len(order)]:
+            for name in names[r % len(names) :] + names[: r % len(names)]:
                 one_pass(funcs[name])  # warm: the weights leave the caches again meanwhile
                 start = time.perf_counter()
                 one_pass(funcs[name])
@@ -95,9 +90,6 @@ def main(argv: list[str] | None = None) -> dict:
         ms = {name: statistics.median(s) for name, s in samples.items()}
         cells = []
         for name in names:
-            if name not in ms:
-                cells.append("-".rjust(24))
-                continue
             gflops = 2 * rows * params / ms[name] / 1e6
             ratio = "" if name == "aten" else f" {ms[name] / ms['aten']:.2f}x"
             cells.append(f"{ms[name]:7.1f} ms {gflops:4.0f} GF{ratio}".rjust(24))

@@ -1,13 +1,9 @@
-"""The native CPU linear ops against ``F.linear`` in float64, and the model's linears on them.
+"""The native CPU linear op against ``F.linear`` in float64, and the model's linears on it.
 
-Cases cover every instruction set this CPU runs, row counts on both sides of the skinny limit
-(one row, two, the dot-product tiles' tails, both sides of where the outer-product tiles take
-over on AVX-512, each of their pass shapes of 1-3 vectors and 3 + 1, the limit itself and one
-past it), feature and input sizes that are
-not multiples of the tile or the vector width, bias, rows with a stride, leading dimensions,
-dtypes the kernel leaves to ATen, bad inputs, ``torch.compile``, and the module swap. The
-packed-panel op gets the same cases plus many rows (its tiles' row tails, row chunks split over
-threads), features that leave an odd panel out or end inside a panel, and empty sums (K = 0).
+Cases cover every instruction set this CPU runs, row counts that exercise each of the kernel's
+tile shapes and row chunks, feature counts that leave panels cut short or odd, bias, rows with a
+stride, leading dimensions, no rows, empty sums (K = 0), bad inputs, ``torch.compile``, the
+module swap, and the checkpoint pages it gives back.
 """
 
 import logging
@@ -19,13 +15,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from prefixserve.kernels import cpu_linear
-from prefixserve.native_linear import NativeLinear, PackedLinear, use_native_linears
+from prefixserve.native_linear import PackedLinear, use_native_linears
 
-ROWS = [1, 2, 3, 4, 5, 7, 11, 12, 17, 38, 48, 49]
-ROWS += [cpu_linear.MAX_SKINNY_ROWS, cpu_linear.MAX_SKINNY_ROWS + 1, 200]
-SHAPES = [(576, 576), (1, 8), (5, 1), (17, 9), (13, 37), (192, 1537)]  # (N, K)
-PACKED_ROWS = [1, 2, 3, 4, 5, 7, 8, 11, 12, 13, 15, 23, 38, 64, 241, 500]
-PACKED_SHAPES = [(576, 576), (1, 8), (5, 1), (17, 9), (48, 37), (200, 1537)]  # (N, K)
+ROWS = [1, 2, 3, 4, 5, 7, 8, 11, 12, 13, 15, 23, 38, 64, 241, 500]
+"""One row, the tiles' row tails (12 x 2 panels on AVX-512: 8, 4, 2, 1 after; 3 x 2 on AVX2),
+one and two row chunks per task (240 rows on AVX-512, 60 on AVX2), and more."""
+SHAPES = [(576, 576), (1, 8), (5, 1), (17, 9), (48, 37), (200, 1537)]  # (N, K)
+"""Whole pairs of panels, a panel cut short, an odd panel out (48 = 3 panels), K = 1."""
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -49,33 +45,6 @@ def _assert_close(y: torch.Tensor, want: torch.Tensor, k: int) -> None:
 @pytest.mark.parametrize("n,k", SHAPES)
 def test_matches_float64(isa: str, rows: int, n: int, k: int) -> None:
     x, w, b = torch.randn(rows, k), torch.randn(n, k), torch.randn(n)
-    for bias in (None, b):
-        _assert_close(cpu_linear.linear(x, w, bias, isa), _expected(x, w, bias), k)
-
-
-@pytest.mark.parametrize("isa", cpu_linear.cpu_isas())
-def test_strided_rows_and_leading_dims(isa: str) -> None:
-    """Rows a stride apart (a slice of a wider tensor), columns a stride apart (copied first),
-    and [B, T, K] inputs all give F.linear's result in its shape."""
-    w = torch.randn(33, 40)
-    for m in (6, 20):  # dot-product and outer-product tiles
-        wide = torch.randn(m, 100)
-        rows = wide[:, 10:50]  # row stride 100, unit stride in K
-        _assert_close(cpu_linear.linear(rows, w, None, isa), _expected(rows, w, None), 40)
-    cols = torch.randn(6, 80)[:, ::2]  # stride 2 in K
-    _assert_close(cpu_linear.linear(cols, w, None, isa), _expected(cols, w, None), 40)
-    batched = torch.randn(2, 3, 40)
-    y = cpu_linear.linear(batched, w, None, isa)
-    assert y.shape == (2, 3, 33)
-    _assert_close(y, _expected(batched, w, None), 40)
-    assert cpu_linear.linear(torch.randn(0, 40), w, None, isa).shape == (0, 33)
-
-
-@pytest.mark.parametrize("isa", cpu_linear.cpu_isas())
-@pytest.mark.parametrize("rows", PACKED_ROWS)
-@pytest.mark.parametrize("n,k", PACKED_SHAPES)
-def test_packed_matches_float64(isa: str, rows: int, n: int, k: int) -> None:
-    x, w, b = torch.randn(rows, k), torch.randn(n, k), torch.randn(n)
     panels = cpu_linear.pack_weight(w)
     assert panels.shape == (-(-n // cpu_linear.PANEL), k, cpu_linear.PANEL)
     for bias in (None, b):
@@ -84,7 +53,7 @@ def test_packed_matches_float64(isa: str, rows: int, n: int, k: int) -> None:
 
 
 @pytest.mark.parametrize("isa", cpu_linear.cpu_isas())
-def test_packed_strided_rows_leading_dims_and_empty(isa: str) -> None:
+def test_strided_rows_leading_dims_and_empty(isa: str) -> None:
     w, b = torch.randn(33, 40), torch.randn(33)
     panels = cpu_linear.pack_weight(w)
     for m in (6, 20):
@@ -110,7 +79,7 @@ def test_packed_strided_rows_leading_dims_and_empty(isa: str) -> None:
     )
 
 
-def test_packed_bad_inputs_raise_clear_errors() -> None:
+def test_bad_inputs_raise_clear_errors() -> None:
     isa = cpu_linear.default_isa()
     panels = cpu_linear.pack_weight(torch.randn(20, 8))  # 2 panels
     x = torch.randn(2, 8)
@@ -130,41 +99,7 @@ def test_packed_bad_inputs_raise_clear_errors() -> None:
         cpu_linear.pack_weight(torch.randn(2, 3, 4))
 
 
-def test_other_dtypes_run_aten() -> None:
-    """bf16 is left to ATen: bit-identical to F.linear."""
-    x, w = torch.randn(3, 64, dtype=torch.bfloat16), torch.randn(16, 64, dtype=torch.bfloat16)
-    assert torch.equal(cpu_linear.linear(x, w, None, cpu_linear.default_isa()), F.linear(x, w))
-
-
-def test_bad_inputs_raise_clear_errors() -> None:
-    isa = cpu_linear.default_isa()
-    with pytest.raises(RuntimeError, match="does not match weight"):
-        cpu_linear.linear(torch.randn(2, 8), torch.randn(4, 9), None, isa)
-    with pytest.raises(RuntimeError, match=r"bias .* does not match"):
-        cpu_linear.linear(torch.randn(2, 8), torch.randn(4, 8), torch.randn(5), isa)
-    with pytest.raises(RuntimeError, match="not one of this CPU's"):
-        cpu_linear.linear(torch.randn(2, 8), torch.randn(4, 8), None, "sse9")
-
-
 def test_op_is_opaque_to_torch_compile() -> None:
-    x, w, b = torch.randn(3, 24), torch.randn(10, 24), torch.randn(10)
-    isa = cpu_linear.default_isa()
-    torch.library.opcheck(
-        torch.ops.prefixserve.linear.default,
-        (x, w, b, isa),
-        test_utils=("test_schema", "test_faketensor"),
-    )
-
-    @torch.compile(backend="aot_eager", fullgraph=True, dynamic=True)
-    def layer(x: torch.Tensor) -> torch.Tensor:
-        return cpu_linear.linear(x * 2, w, b, isa).relu()
-
-    for rows in (3, 5):
-        x = torch.randn(rows, 24)
-        torch.testing.assert_close(layer(x), F.linear(x * 2, w, b).relu())
-
-
-def test_packed_op_is_opaque_to_torch_compile() -> None:
     x, w, b = torch.randn(3, 24), torch.randn(10, 24), torch.randn(10)
     panels, isa = cpu_linear.pack_weight(w), cpu_linear.default_isa()
     torch.library.opcheck(
@@ -183,9 +118,10 @@ def test_packed_op_is_opaque_to_torch_compile() -> None:
 
 
 def test_model_linears_swap_in_place() -> None:
-    """Plain fp32 nn.Linear layers become PackedLinear (the weight replaced by its panels) or,
-    where the weight is tied, NativeLinear on that same tensor; the other parameters stay the
-    same objects; subclasses and other dtypes are left alone; outputs are F.linear's."""
+    """Plain fp32 nn.Linear layers become PackedLinear: the weight is replaced by its panels, or,
+    where it is tied to another module, stays that module's beside a packed copy; the other
+    parameters stay the same objects; subclasses and other dtypes are left alone; outputs are
+    F.linear's."""
 
     class Quantized(nn.Linear):  # stands for bitsandbytes' layers, which subclass nn.Linear
         pass
@@ -213,11 +149,12 @@ def test_model_linears_swap_in_place() -> None:
             return
         assert swapped == 3
         kinds = {name: type(m) for name, m in model.items()}
-        assert kinds["up"] is PackedLinear and kinds["down"] is PackedLinear
-        assert kinds["head"] is NativeLinear and model["head"].weight is embed.weight
+        assert kinds["up"] is kinds["down"] is kinds["head"] is PackedLinear
         assert kinds["quantized"] is Quantized and kinds["bf16"] is nn.Linear
         assert "weight" not in dict(model["up"].named_parameters())
         assert torch.equal(model["up"].panels, cpu_linear.pack_weight(up_weight))
+        assert model["head"].weight is embed.weight
+        assert torch.equal(model["head"].panels, cpu_linear.pack_weight(embed.weight))
         assert not any(key.endswith("panels") for key in model.state_dict())  # not persistent
         now = dict(model.named_parameters())
         assert now.keys() == params.keys() - {"up.weight", "down.weight"}
