@@ -5,7 +5,7 @@ weight of the model and is bound by reading them; ATen's GEMM reads them at well
 memory bandwidth there, and with many rows keeps the FMA units about half busy (on the AMD
 EPYCs measured here). The native op (:mod:`prefixserve.kernels.cpu_linear`) runs on weights
 packed once as panels, faster than ATen's GEMM at any number of rows (on the default model's
-layers at 2 threads, Zen 5: 0.33-0.44x ATen's time from 1 to 2,432 rows with AVX-512, 0.31-0.84x
+layers at 2 threads, Zen 5: 0.29-0.44x ATen's time from 1 to 2,432 rows with AVX-512, 0.31-0.84x
 with AVX2; ``benchmarks/kernels/bench_cpu_linear.py``).
 
 :func:`use_native_linears` turns each plain fp32 ``nn.Linear`` of a CPU model into a
@@ -109,6 +109,8 @@ def _drop_file_pages(weight: torch.Tensor, mappings: list[tuple[int, int]]) -> N
     until the last weight is packed, and its untied weights twice after. Here only the pages
     wholly inside this weight's bytes are dropped, and only in a file mapping: whatever reads
     them again (nothing should) reads the file. Memory of the allocator is never touched."""
+    if not weight.is_contiguous():  # its bytes would not be one range of its own
+        return
     start = weight.data_ptr()
     end = start + weight.numel() * weight.element_size()
     if not any(lo <= start and end <= hi for lo, hi in mappings):
