@@ -10,7 +10,8 @@
 // a kernel must either end its dot products in lane reductions or pack the rows transposed and
 // pad them to whole vectors: both measured slower (at 38 rows on AVX-512, Zen 5: about 160-190
 // and 225 GFLOP/s against 307 here; 64 rows x 49152 features of an LM head 2.5x slower). Each
-// panel's weights stream from memory once per call; the tiles of further rows find them in L2.
+// panel's weights stream from memory once per chunk of rows (below); the tiles of further rows
+// find them in L2 while a pair of panels fits there (K up to ~8k).
 //
 // Tiles: AVX-512 12 rows x 2 panels (24 of its 32 registers accumulate); with AVX2's 16
 // registers 3 rows x 2 panels (12 accumulators), which measured faster than 6 rows x 1 panel.

@@ -36,6 +36,7 @@ def load() -> None:
     :class:`~prefixserve.kernels.cpu_build.NativeBuildError` where it cannot."""
     load_cpu_ops()
     torch.library.register_fake("prefixserve::linear_packed")(_fake_linear_packed)
+    torch.library.register_autograd("prefixserve::linear_packed", _no_backward)
 
 
 PANEL = 16
@@ -50,7 +51,7 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"pack_weight: expected a [N, K] weight, got {tuple(weight.shape)}")
     n, k = weight.shape
     padded = weight.new_zeros(-(-n // PANEL) * PANEL, k, dtype=torch.float32)
-    padded[:n] = weight
+    padded[:n] = weight.detach()
     return padded.view(len(padded) // PANEL, PANEL, k).transpose(1, 2).contiguous()
 
 
@@ -66,3 +67,7 @@ def _fake_linear_packed(
     x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None, out_features: int, isa: str
 ) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], out_features))
+
+
+def _no_backward(ctx: object, grad: torch.Tensor) -> None:
+    raise RuntimeError("prefixserve::linear_packed is for inference: it has no backward")

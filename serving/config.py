@@ -161,7 +161,7 @@ class EngineConfig:
 
     native_cpu_linear: bool = True
     """On CPU, run the model's fp32 linear layers on prefixserve's native op, on weights packed
-    at load (0.3-0.5x PyTorch's time for decode steps and short prompts, 0.4-0.85x for long
+    at load (0.3-0.6x PyTorch's time for decode steps and short prompts, 0.4-0.85x for long
     prefills, measured on AMD EPYC); False keeps PyTorch's. Needs AVX2 (elsewhere PyTorch's
     runs anyway)."""
 

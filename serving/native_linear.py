@@ -10,10 +10,10 @@ with AVX2; ``benchmarks/kernels/bench_cpu_linear.py``).
 
 :func:`use_native_linears` turns each plain fp32 ``nn.Linear`` of a CPU model into a
 :class:`PackedLinear` in place. Its ``weight`` parameter is replaced by the ``panels`` buffer
-of the same size, and the weight's pages, where they map the checkpoint's file, are given back
-at once; a weight tied to another module's (the default model's LM head is its embedding) stays
-that module's and the panels are a copy. Eager and compiled forwards both use it; under
-``torch.compile`` the op is opaque, so Inductor fuses around it.
+(the same size, N rounded up to 16), and the weight's pages, where they map the checkpoint's
+file, are given back at once; a weight tied to another module's (the default model's LM head
+is its embedding) stays that module's and the panels are a copy. Eager and compiled forwards
+both use it; under ``torch.compile`` the op is opaque, so Inductor fuses around it.
 """
 
 from __future__ import annotations
@@ -36,13 +36,21 @@ logger = logging.getLogger(__name__)
 
 class PackedLinear(nn.Linear):
     """An ``nn.Linear`` whose weight is packed as the buffer ``panels [ceil(N / 16), K, 16]``
-    (:func:`~prefixserve.kernels.cpu_linear.pack_weight`; it keeps a ``weight`` only where that
-    is tied to another module), and whose forward runs
-    :func:`~prefixserve.kernels.cpu_linear.linear_packed`."""
+    (:func:`~prefixserve.kernels.cpu_linear.pack_weight`), and whose forward runs
+    :func:`~prefixserve.kernels.cpu_linear.linear_packed`.
+
+    ``weight`` is the parameter where it is tied to another module and so kept; elsewhere a
+    ``[N, K]`` fp32 tensor on the meta device, so that modeling code reading its shape or dtype
+    keeps working and anything reading its values fails loudly."""
 
     isa: str
     """The instruction set of the op's kernel."""
     panels: torch.Tensor
+
+    @property
+    def weight(self) -> torch.Tensor:  # type: ignore[override]
+        kept = self._parameters.get("weight")
+        return kept if kept is not None else self.__dict__["_weight_meta"]
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return cpu_linear.linear_packed(input, self.panels, self.bias, self.out_features, self.isa)
@@ -65,19 +73,22 @@ def use_native_linears(model: nn.Module) -> int:
         return 0
     owners = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     mappings = _file_mappings() if hasattr(mmap, "MADV_DONTNEED") else []
+    spans = [_span(t) for t in (*model.parameters(), *model.buffers())]
     count = 0
     for module in model.modules():
         weight = getattr(module, "weight", None)
         if (
             type(module) is nn.Linear
+            and "forward" not in module.__dict__  # hooks of accelerate & co. call nn.Linear's
             and isinstance(weight, torch.Tensor)
             and weight.device.type == "cpu"
             and weight.dtype == torch.float32
         ):
-            panels = cpu_linear.pack_weight(weight.detach())
+            panels = cpu_linear.pack_weight(weight)
             if owners[id(weight)] == 1:  # not tied: the panels replace it
-                _drop_file_pages(weight, mappings)
+                _drop_file_pages(weight, mappings, spans)
                 del module.weight
+                module.__dict__["_weight_meta"] = torch.empty(weight.shape, device="meta")
             module.register_buffer("panels", panels, persistent=False)
             module.__class__ = PackedLinear
             module.isa = isa
@@ -100,15 +111,24 @@ def _file_mappings() -> list[tuple[int, int]]:
     return ranges
 
 
-def _drop_file_pages(weight: torch.Tensor, mappings: list[tuple[int, int]]) -> None:
+def _span(tensor: torch.Tensor) -> tuple[int, int]:
+    """The bytes ``[start, end)`` a tensor's storage covers."""
+    storage = tensor.untyped_storage()
+    return storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+
+
+def _drop_file_pages(
+    weight: torch.Tensor, mappings: list[tuple[int, int]], spans: list[tuple[int, int]]
+) -> None:
     """Give back the pages of a weight just packed, where they map the checkpoint's file.
 
     transformers maps a safetensors checkpoint into memory and the weights view that mapping,
     which stays as long as any tensor views it. Packing reads a weight, so its pages become
     resident, and they would stay beside the panels: the process would hold the model twice
-    until the last weight is packed, and its untied weights twice after. Here only the pages
-    wholly inside this weight's bytes are dropped, and only in a file mapping: whatever reads
-    them again (nothing should) reads the file. Memory of the allocator is never touched."""
+    until the last weight is packed, and its untied weights twice after. Here only pages wholly
+    inside this contiguous weight's bytes are dropped, only in a file mapping (memory of the
+    allocator is never touched), and only where no other parameter or buffer of the model
+    shares them: whatever reads them again (nothing should) reads the file."""
     if not weight.is_contiguous():  # its bytes would not be one range of its own
         return
     start = weight.data_ptr()
@@ -116,8 +136,10 @@ def _drop_file_pages(weight: torch.Tensor, mappings: list[tuple[int, int]]) -> N
     if not any(lo <= start and end <= hi for lo, hi in mappings):
         return
     lo, hi = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
-    if hi > lo:
-        _libc().madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), mmap.MADV_DONTNEED)
+    own = _span(weight)
+    if hi <= lo or any(s < hi and lo < e for s, e in spans if (s, e) != own):
+        return
+    _libc().madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), mmap.MADV_DONTNEED)
 
 
 @functools.cache

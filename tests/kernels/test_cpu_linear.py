@@ -152,6 +152,9 @@ def test_model_linears_swap_in_place() -> None:
         assert kinds["up"] is kinds["down"] is kinds["head"] is PackedLinear
         assert kinds["quantized"] is Quantized and kinds["bf16"] is nn.Linear
         assert "weight" not in dict(model["up"].named_parameters())
+        placeholder = model["up"].weight  # shape and dtype for modeling code, no values
+        assert placeholder.is_meta and placeholder.shape == (40, 16)
+        assert placeholder.dtype == torch.float32
         assert torch.equal(model["up"].panels, cpu_linear.pack_weight(up_weight))
         assert model["head"].weight is embed.weight
         assert torch.equal(model["head"].panels, cpu_linear.pack_weight(embed.weight))
@@ -208,6 +211,36 @@ def test_packing_gives_back_the_checkpoint_pages(tmp_path) -> None:
     assert before >= linear_kib, "the test expects transformers to map the checkpoint"
     assert before - after >= 0.9 * linear_kib, (before, after, linear_kib)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads /proc/self/smaps")
+def test_pages_are_given_back_only_where_nothing_else_views_them(tmp_path) -> None:
+    """A weight in a file mapping gives its pages back; where another tensor of the model views
+    some of the same bytes (an alias), it keeps them."""
+    from prefixserve.native_linear import _drop_file_pages, _file_mappings, _span
+
+    file = tmp_path / "weights.bin"
+    torch.randn(64, 1024).numpy().tofile(file)  # 64 pages of 4 KiB
+    weight = torch.from_file(str(file), shared=False, size=64 * 1024).view(64, 1024)
+    own = _span(weight)
+    unrelated = _span(torch.zeros(1024))
+    alias = (own[0] + 8 * 4096, own[0] + 9 * 4096)  # a tensor viewing page 8 of the weight
+
+    weight.sum()  # every page resident
+    _drop_file_pages(weight, _file_mappings(), [own, alias])
+    assert _resident_kib(file) >= 64 * 4
+    _drop_file_pages(weight, _file_mappings(), [own, unrelated])
+    assert _resident_kib(file) == 0
+    torch.testing.assert_close(weight, torch.from_file(str(file), size=64 * 1024).view(64, 1024))
+
+
+def test_op_has_no_backward() -> None:
+    x = torch.randn(3, 8, requires_grad=True)
+    panels = cpu_linear.pack_weight(torch.randn(4, 8, requires_grad=True))
+    assert not panels.requires_grad
+    y = cpu_linear.linear_packed(x, panels, None, 4, cpu_linear.default_isa())
+    with pytest.raises(RuntimeError, match="has no backward"):
+        y.sum().backward()
 
 
 def test_without_the_op_linears_stay_aten_and_it_says_why_once(monkeypatch, caplog) -> None:
