@@ -73,7 +73,7 @@ def use_native_linears(model: nn.Module) -> int:
         return 0
     owners = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     mappings = _file_mappings() if hasattr(mmap, "MADV_DONTNEED") else []
-    spans = [_span(t) for t in (*model.parameters(), *model.buffers())]
+    spans = [(id(t), _span(t)) for t in (*model.parameters(), *model.buffers())]
     count = 0
     for module in model.modules():
         weight = getattr(module, "weight", None)
@@ -86,7 +86,8 @@ def use_native_linears(model: nn.Module) -> int:
         ):
             panels = cpu_linear.pack_weight(weight)
             if owners[id(weight)] == 1:  # not tied: the panels replace it
-                _drop_file_pages(weight, mappings, spans)
+                others = [span for owner, span in spans if owner != id(weight)]
+                _drop_file_pages(weight, mappings, others)
                 del module.weight
                 module.__dict__["_weight_meta"] = torch.empty(weight.shape, device="meta")
             module.register_buffer("panels", panels, persistent=False)
@@ -118,7 +119,7 @@ def _span(tensor: torch.Tensor) -> tuple[int, int]:
 
 
 def _drop_file_pages(
-    weight: torch.Tensor, mappings: list[tuple[int, int]], spans: list[tuple[int, int]]
+    weight: torch.Tensor, mappings: list[tuple[int, int]], others: list[tuple[int, int]]
 ) -> None:
     """Give back the pages of a weight just packed, where they map the checkpoint's file.
 
@@ -127,8 +128,9 @@ def _drop_file_pages(
     resident, and they would stay beside the panels: the process would hold the model twice
     until the last weight is packed, and its untied weights twice after. Here only pages wholly
     inside this contiguous weight's bytes are dropped, only in a file mapping (memory of the
-    allocator is never touched), and only where no other parameter or buffer of the model
-    shares them: whatever reads them again (nothing should) reads the file."""
+    allocator is never touched), and only where none of ``others`` (the byte spans of the
+    model's other parameters and buffers) shares them: whatever reads them again (nothing
+    should) reads the file."""
     if not weight.is_contiguous():  # its bytes would not be one range of its own
         return
     start = weight.data_ptr()
@@ -136,8 +138,7 @@ def _drop_file_pages(
     if not any(lo <= start and end <= hi for lo, hi in mappings):
         return
     lo, hi = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
-    own = _span(weight)
-    if hi <= lo or any(s < hi and lo < e for s, e in spans if (s, e) != own):
+    if hi <= lo or any(s < hi and lo < e for s, e in others):
         return
     _libc().madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), mmap.MADV_DONTNEED)
 
