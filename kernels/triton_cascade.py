@@ -21,7 +21,7 @@ from .triton_decode import launch_decode, merge_partials, store_partial
 from .triton_plan import StepPlan
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits", "stride_pt", "stride_wb", "stride_wh"])
 def _group_prefix_kernel(
     q_ptr,
     k_cache_ptr,

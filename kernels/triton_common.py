@@ -10,6 +10,13 @@ Conventions used by all kernels:
   stacks them on the M side of its tile so each K/V tile is loaded once for the whole group.
 * Softmax runs in base 2: scores are multiplied by ``scale * log2(e)``; a partial result's
   log-sum-exp (``lse``) is stored in base 2 as well (``m + log2(l)``, ``-inf`` when it saw no key).
+* Scalars that change from step to step (split counts and offsets, block-table widths, workspace
+  strides) are listed in each kernel's ``do_not_specialize``: Triton would otherwise compile a new
+  variant in the middle of serving whenever one of them happens to equal 1 or a multiple of 16
+  (a step whose block tables are one block wide, 16 KV splits). Strides fixed by the model (the
+  pool's, and the queries' multiples of ``head_dim``) stay specialized: their divisibility is what
+  lets K/V rows load as wide vectors. ``prefixserve.kernels.triton_launches`` enumerates the
+  variants the engine can launch.
 """
 
 from __future__ import annotations

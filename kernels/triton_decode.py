@@ -13,8 +13,11 @@ import triton.language as tl
 from .triton_common import LOG2E, attend_paged_tile, block_d, dot_precision, upcast_flag
 from .triton_plan import StepPlan, decode_tiles
 
+# Scalars that change from step to step (see triton_common: no value specialization).
+_PER_STEP_DECODE = ["num_splits", "split_offset", "stride_bt", "stride_pt", "stride_wb", "stride_wh"]
 
-@triton.jit
+
+@triton.jit(do_not_specialize=_PER_STEP_DECODE)
 def _decode_kernel(
     q_ptr,
     k_cache_ptr,
@@ -170,7 +173,7 @@ def store_partial(
     tl.store(part_lse_ptr + row, lse, mask=row_valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_parts", "num_prefix_parts"])
 def _merge_kernel(
     part_o_ptr,
     part_lse_ptr,

@@ -18,7 +18,7 @@ from .triton_common import LOG2E, attend_paged_tile, block_d, dot_precision, upc
 from .triton_plan import StepPlan
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt", "stride_pt"])
 def _prefill_kernel(
     q_ptr,
     k_cache_ptr,
