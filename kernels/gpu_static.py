@@ -26,6 +26,7 @@ import io
 import json
 import os
 import re
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -134,9 +135,16 @@ def _compile(launch: Launch, limits: GpuLimits) -> tuple[Any, str]:
     target = GPUTarget("cuda", limits.capability, 32)
     options = {"num_warps": launch.num_warps, "num_stages": launch.num_stages}
     log = io.StringIO()
-    with knobs.compilation.scope(), knobs.nvidia.scope(), contextlib.redirect_stdout(log):
+    with (
+        knobs.compilation.scope(),
+        knobs.nvidia.scope(),
+        knobs.cache.scope(),
+        tempfile.TemporaryDirectory(prefix="prefixserve-gpu-static-") as scratch,
+        contextlib.redirect_stdout(log),
+    ):
         knobs.compilation.always_compile = True  # ptxas must run to print its resource usage
         knobs.nvidia.dump_ptxas_log = True
+        knobs.cache.dir = scratch  # nothing here is ever loaded: keep Triton's cache clean
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Triton 3.9's notice on the fp-fusion default
             compiled = triton.compile(source, target=target, options=options)

@@ -49,6 +49,8 @@ def _check_plan(query: torch.Tensor, k_cache: torch.Tensor, plan: StepPlan) -> N
         )
     if query.shape[2] != plan.head_dim:
         raise ValueError(f"plan is for head_dim {plan.head_dim}, got query {tuple(query.shape)}")
+    if query.dtype != plan.dtype:
+        raise ValueError(f"plan is for {plan.dtype}, got a {query.dtype} query")
     if k_cache.shape[1] != meta.block_size:
         raise ValueError(
             f"cache block_size {k_cache.shape[1]} != metadata block_size {meta.block_size}"
@@ -97,7 +99,7 @@ def prefix_paged_attention(
     if isinstance(plan, AttentionMetadata):
         plan = plan_step(plan, device=query.device)
     if not plan.specialized:  # first layer of the step: fill in the model's shape
-        specialize(plan, query.shape[1], k_cache.shape[2], query.shape[2])
+        specialize(plan, query.shape[1], k_cache.shape[2], query.shape[2], query.dtype)
     _check_plan(query, k_cache, plan)
     return run_planned(query, k_cache, v_cache, plan, scale)
 

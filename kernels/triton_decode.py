@@ -14,7 +14,14 @@ from .triton_common import LOG2E, attend_paged_tile, block_d, dot_precision, upc
 from .triton_plan import StepPlan, decode_tiles
 
 # Scalars that change from step to step (see triton_common: no value specialization).
-_PER_STEP_DECODE = ["num_splits", "split_offset", "stride_bt", "stride_pt", "stride_wb", "stride_wh"]
+_PER_STEP_DECODE = [
+    "num_splits",
+    "split_offset",
+    "stride_bt",
+    "stride_pt",
+    "stride_wb",
+    "stride_wh",
+]
 
 
 @triton.jit(do_not_specialize=_PER_STEP_DECODE)
@@ -258,7 +265,7 @@ def launch_decode(
     meta = plan.meta
     batch, num_heads, head_dim = query.shape
     gqa = num_heads // plan.num_kv_heads
-    tiles = decode_tiles(gqa, head_dim)
+    tiles = decode_tiles(gqa, head_dim, plan.dtype)
     partial = num_splits > 1 or not with_prefix
     if partial:
         assert plan.workspace is not None, "plan_step allocates a workspace for split decode"

@@ -13,7 +13,8 @@ allocating. The grids stay valid for any step of up to ``Bp`` requests because:
 * a padding request has one own key, no prefix, block table row 0 and no K/V write (slot -1);
   nothing reads its output, and no real request reads anything it computes.
 
-    plans = GraphPlans(32, 8, 128, max_batch=256, max_model_len=8192, block_size=16, device=dev)
+    plans = GraphPlans(32, 8, 128, dtype=torch.bfloat16, max_batch=256, max_model_len=8192,
+                       block_size=16, device=dev)
     plan = plans.plan(64, "grouped")       # once, before capturing the graph (64, grouped)
     choice = plans.choose(meta)            # per step: plain or grouped (None: no graph fits)
     plans.fill(plan, meta, choice)         # per step: the metadata into the graph's buffers
@@ -80,6 +81,7 @@ class GraphPlans:
         num_kv_heads: int,
         head_dim: int,
         *,
+        dtype: torch.dtype,
         max_batch: int,
         max_model_len: int,
         block_size: int,
@@ -88,6 +90,7 @@ class GraphPlans:
         rule: DispatchRule | None = None,
     ) -> None:
         self.num_q_heads, self.num_kv_heads, self.head_dim = num_q_heads, num_kv_heads, head_dim
+        self.dtype = dtype
         self.max_batch, self.max_model_len, self.block_size = max_batch, max_model_len, block_size
         self.device = torch.device(device)
         self.decode_mode, self.rule = decode_mode, rule or DispatchRule()
@@ -147,6 +150,7 @@ class GraphPlans:
             self.num_kv_heads,
             self.head_dim,
         )
+        plan.dtype = self.dtype
         prefix_splits, own_splits = self.splits(size, mode)
         if mode == "decode":
             plan.decode_splits = own_splits
@@ -160,7 +164,7 @@ class GraphPlans:
                 self.tile_prefix.device[:size],
                 prefix_splits,
                 own_splits,
-                group_tiles(gqa, self.head_dim),
+                group_tiles(gqa, self.head_dim, self.dtype),
             )
             parts = prefix_splits + own_splits
         if parts:
@@ -212,7 +216,9 @@ class GraphPlans:
         ):
             return None
         gqa = self.num_q_heads // self.num_kv_heads
-        return choose_decode(host_step(meta), gqa, self.head_dim, self.decode_mode, self.rule)
+        return choose_decode(
+            host_step(meta), gqa, self.head_dim, self.dtype, self.decode_mode, self.rule
+        )
 
     def fill(self, plan: StepPlan, meta: AttentionMetadata, choice: DecodeChoice) -> None:
         """Write host-side ``meta`` of a decode step of ``B <= Bp`` requests into the buffers

@@ -156,11 +156,11 @@ def record_launches() -> Iterator[list[_Call]]:
     def record(self: JITFunction, *args: Any, grid: Any, warmup: bool, **kwargs: Any) -> None:
         calls.append(_Call(self, args, kwargs))
 
-    JITFunction.run = record  # type: ignore[method-assign]
+    JITFunction.run = record
     try:
         yield calls
     finally:
-        JITFunction.run = original  # type: ignore[method-assign]
+        JITFunction.run = original
 
 
 def bind(call: _Call, backend: Any) -> Launch:
@@ -215,7 +215,9 @@ def _step(reqs: list[_Req], prefix_lens: list[int], block_size: int) -> Attentio
 
     def padded(tables: list[list[int]]) -> torch.Tensor:
         width = max([len(t) for t in tables] + [1])
-        return torch.tensor([t + [0] * (width - len(t)) for t in tables] or [[0]], dtype=torch.int32)
+        return torch.tensor(
+            [t + [0] * (width - len(t)) for t in tables] or [[0]], dtype=torch.int32
+        )
 
     i32 = torch.int32
     return AttentionMetadata(
@@ -263,10 +265,15 @@ def _run_step(plan: StepPlan, shape: ModelShape, dtype: torch.dtype, num_blocks:
     run_planned(_tokens(tokens, shape.num_q_heads, d, dtype), k_cache, v_cache, plan, d**-0.5)
 
 
-def _steps(shape: ModelShape, block_size: int, rule: DispatchRule) -> Iterator[StepPlan]:
+def _steps(
+    shape: ModelShape, dtype: torch.dtype, block_size: int, rule: DispatchRule
+) -> Iterator[StepPlan]:
     """Plans that between them take every branch of the planner."""
-    heads = dict(
-        num_q_heads=shape.num_q_heads, num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim
+    heads: dict[str, Any] = dict(
+        num_q_heads=shape.num_q_heads,
+        num_kv_heads=shape.num_kv_heads,
+        head_dim=shape.head_dim,
+        dtype=dtype,
     )
     yield plan_step(_step(_PREFILL, _PREFIXES, block_size), **heads)
     yield plan_step(_step(_SHORT_DECODE, [], block_size), **heads)
@@ -279,6 +286,7 @@ def _steps(shape: ModelShape, block_size: int, rule: DispatchRule) -> Iterator[S
         shape.num_q_heads,
         shape.num_kv_heads,
         shape.head_dim,
+        dtype=dtype,
         max_batch=8,
         max_model_len=4096,
         block_size=block_size,
@@ -306,7 +314,7 @@ def enumerate_launches(
     rule = DispatchRule()
     num_blocks = 64
     with record_launches() as calls:
-        for plan in _steps(shape, block_size, rule):
+        for plan in _steps(shape, dtype, block_size, rule):
             _run_step(plan, shape, dtype, num_blocks)
     tag = f"{shape.name} {_POINTER_DTYPES['*' + _triton_dtype(dtype)]} page{block_size}"
     launches: dict[tuple, Launch] = {}

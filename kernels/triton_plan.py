@@ -47,34 +47,47 @@ class TileConfig:
     num_stages: int = 2
 
 
-def prefill_tiles(gqa: int, head_dim: int) -> TileConfig:
+def _tensor_cores(dtype: torch.dtype) -> bool:
+    """16-bit dot products run on tensor cores; fp32 ones (IEEE, no TF32) on FMA units, whose
+    operands and accumulators all sit in registers: fp32 needs much smaller tiles."""
+    return dtype in (torch.float16, torch.bfloat16)
+
+
+# The GPU tiles below are the largest that compile without register spills for every
+# head_dim 64..256 and GQA 1..8 on sm_80 and sm_90 (benchmarks/kernels/gpu_static.py checks every
+# variant the engine launches; tests/kernels/test_gpu_static.py fails on a new spill).
+
+
+def prefill_tiles(gqa: int, head_dim: int, dtype: torch.dtype) -> TileConfig:
     """Prefill tile: ``block_m // gqa`` query tokens times ``gqa`` heads (one config, no
     autotune)."""
     if INTERPRET:  # few, large tiles: the interpreter's cost is per operation, not per element
         return TileConfig(block_m=max(32, 8 * triton.next_power_of_2(gqa)), block_n=32)
-    block_m = max(64 if head_dim > 64 else 128, triton.next_power_of_2(gqa))
-    return TileConfig(
-        block_m=block_m, block_n=64, num_warps=4 if head_dim <= 64 else 8, num_stages=2
-    )
+    if not _tensor_cores(dtype):
+        return TileConfig(max(16, triton.next_power_of_2(gqa)), 16, num_warps=8, num_stages=2)
+    block_m, block_n = (128, 64) if head_dim <= 64 else (128, 32) if head_dim <= 128 else (64, 32)
+    return TileConfig(max(block_m, triton.next_power_of_2(gqa)), block_n, num_warps=8, num_stages=2)
 
 
-def decode_tiles(gqa: int, head_dim: int) -> TileConfig:
-    """Decode tile: the ``gqa`` heads of one kv head, padded to >= 16 rows. 8 warps from
-    head_dim 128 up: with 4 the gathered K/V tiles spill registers (sm_90, Triton 3.9)."""
+def decode_tiles(gqa: int, head_dim: int, dtype: torch.dtype) -> TileConfig:
+    """Decode tile: the ``gqa`` heads of one kv head, padded to >= 16 rows (``tl.dot``'s
+    minimum)."""
     if INTERPRET:
         return TileConfig(block_m=max(16, triton.next_power_of_2(gqa)), block_n=32)
-    return TileConfig(
-        block_m=max(16, triton.next_power_of_2(gqa)),
-        block_n=64 if head_dim <= 128 else 32,
-        num_warps=8 if head_dim > 64 else 4,
-        num_stages=2,
-    )
+    block_m = max(16, triton.next_power_of_2(gqa))
+    if not _tensor_cores(dtype):
+        return TileConfig(block_m, 16, num_warps=4, num_stages=2)
+    if head_dim > 128:
+        return TileConfig(block_m, 32, num_warps=4, num_stages=2)
+    return TileConfig(block_m, 64, num_warps=8 if head_dim > 64 else 4, num_stages=2)
 
 
-def group_tiles(gqa: int, head_dim: int) -> TileConfig:
+def group_tiles(gqa: int, head_dim: int, dtype: torch.dtype) -> TileConfig:
     """Grouped-prefix tile: ``block_m // gqa`` requests of one group times their ``gqa`` heads."""
     if INTERPRET:
         return TileConfig(block_m=max(32, 4 * triton.next_power_of_2(gqa)), block_n=32)
+    if not _tensor_cores(dtype):
+        return TileConfig(max(16, triton.next_power_of_2(gqa)), 16, num_warps=4, num_stages=2)
     return TileConfig(
         block_m=max(64, triton.next_power_of_2(gqa)),
         block_n=64 if head_dim <= 128 else 32,
@@ -140,6 +153,8 @@ class StepPlan:
     num_q_heads: int = 0
     num_kv_heads: int = 0
     head_dim: int = 0
+    dtype: torch.dtype = torch.float32
+    """Of the queries and the KV pool (the tiles depend on it)."""
     prefill: PrefillWork | None = None
     decode_splits: int = 1
     grouped: GroupedWork | None = None
@@ -229,6 +244,7 @@ def plan_step(
     num_q_heads: int | None = None,
     num_kv_heads: int | None = None,
     head_dim: int | None = None,
+    dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     decode_mode: str = "auto",
     num_splits: int | None = None,
@@ -237,8 +253,9 @@ def plan_step(
     """Plan one step (once; every layer reuses the plan).
 
     ``meta`` on the CPU plus ``device`` avoids any device synchronization; ``meta`` already on
-    the device costs one copy of a few small tensors to the host. Head counts and ``head_dim``
-    may be left out: the plan then completes itself at the step's first attention call.
+    the device costs one copy of a few small tensors to the host. Head counts, ``head_dim`` and
+    ``dtype`` (of the queries and the pool) may be left out: the plan then completes itself at
+    the step's first attention call.
     ``decode_mode``: ``"auto"`` (:class:`DispatchRule`), ``"plain"`` or ``"grouped"`` (forced;
     tests and benchmarks). ``num_splits`` forces the KV splits of every decode kernel."""
     if decode_mode not in ("auto", "plain", "grouped"):
@@ -256,10 +273,11 @@ def plan_step(
         dev_meta.prefix_lens = torch.zeros(1, dtype=torch.int32, device=device)
         dev_meta.prefix_block_tables = torch.zeros(1, 1, dtype=torch.int32, device=device)
     plan = StepPlan(dev_meta, host, decode_mode, num_splits, rule)
-    if num_q_heads is not None or num_kv_heads is not None or head_dim is not None:
-        if num_q_heads is None or num_kv_heads is None or head_dim is None:
-            raise ValueError("give all of num_q_heads, num_kv_heads and head_dim, or none")
-        specialize(plan, num_q_heads, num_kv_heads, head_dim)
+    shape = (num_q_heads, num_kv_heads, head_dim, dtype)
+    if any(x is not None for x in shape):
+        if num_q_heads is None or num_kv_heads is None or head_dim is None or dtype is None:
+            raise ValueError("give all of num_q_heads, num_kv_heads, head_dim and dtype, or none")
+        specialize(plan, num_q_heads, num_kv_heads, head_dim, dtype)
     return plan
 
 
@@ -279,10 +297,15 @@ class DecodeChoice:
 
 
 def choose_decode(
-    host: HostStep, gqa: int, head_dim: int, decode_mode: str, rule: DispatchRule
+    host: HostStep,
+    gqa: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    decode_mode: str,
+    rule: DispatchRule,
 ) -> DecodeChoice:
     """Apply :func:`prefer_grouped` (or the forced ``decode_mode``) to a decode step."""
-    tiles = group_tiles(gqa, head_dim)
+    tiles = group_tiles(gqa, head_dim, dtype)
     work, tile_len = _grouped_work(host.prefix_index, host.prefix_lens, tiles.block_m // gqa, tiles)
     kv_lens = host.request_prefix_lens + host.own_lens
     plain_tokens = int(kv_lens.sum())
@@ -305,7 +328,9 @@ def host_step(meta: AttentionMetadata) -> HostStep:
     )
 
 
-def specialize(plan: StepPlan, num_q_heads: int, num_kv_heads: int, head_dim: int) -> None:
+def specialize(
+    plan: StepPlan, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+) -> None:
     """Fill the model-shape dependent part of ``plan``: kernel choice, work lists, splits and the
     split-KV workspace."""
     if num_kv_heads < 1 or num_q_heads % num_kv_heads:
@@ -313,13 +338,14 @@ def specialize(plan: StepPlan, num_q_heads: int, num_kv_heads: int, head_dim: in
             f"num_q_heads {num_q_heads} is not a multiple of num_kv_heads {num_kv_heads}"
         )
     plan.num_q_heads, plan.num_kv_heads, plan.head_dim = num_q_heads, num_kv_heads, head_dim
+    plan.dtype = dtype
     host, rule, splits = plan.host, plan.rule, plan.forced_splits
     device = plan.meta.own_lens.device
     gqa = num_q_heads // num_kv_heads
     batch = host.own_lens.numel()
     if plan.meta.max_q_len > 1:
         plan.mode = "prefill"
-        tiles = prefill_tiles(gqa, head_dim)
+        tiles = prefill_tiles(gqa, head_dim, dtype)
         block_q = tiles.block_m // gqa
         plan.prefill = _prefill_work(
             host.q_lens, host.own_lens, host.request_prefix_lens, block_q, tiles, device
@@ -327,7 +353,7 @@ def specialize(plan: StepPlan, num_q_heads: int, num_kv_heads: int, head_dim: in
         return
 
     sms = num_sms(device)
-    choice = choose_decode(host, gqa, head_dim, plan.decode_mode, rule)
+    choice = choose_decode(host, gqa, head_dim, dtype, plan.decode_mode, rule)
     plan.stats = choice.stats
     work, tile_len, kv_lens = choice.work, choice.tile_len, choice.kv_lens
     if not choice.grouped:

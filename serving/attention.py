@@ -34,6 +34,8 @@ class AttentionShape:
     num_q_heads: int
     num_kv_heads: int
     head_dim: int
+    dtype: torch.dtype = torch.float32
+    """Of the queries and the KV pool (GPU kernels pick their tiles by it)."""
 
     def __post_init__(self) -> None:
         if self.num_kv_heads < 1 or self.num_q_heads % self.num_kv_heads:

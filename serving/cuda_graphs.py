@@ -82,6 +82,7 @@ class DecodeGraphs:
             shape.num_q_heads,
             shape.num_kv_heads,
             shape.head_dim,
+            dtype=shape.dtype,
             max_batch=n,
             max_model_len=max_model_len,
             block_size=kv_cache.spec.block_size,

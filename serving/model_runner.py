@@ -80,7 +80,7 @@ class ModelRunner:
         )
         self.kv_cache = KVCachePool(spec, num_blocks, self.device)
         attention_shape = AttentionShape(
-            self.shape.num_heads, self.shape.num_kv_heads, self.shape.head_dim
+            self.shape.num_heads, self.shape.num_kv_heads, self.shape.head_dim, self.dtype
         )
         self.backend = select_backend(config.attention_backend, self.device, attention_shape)
         self.native_linears = 0

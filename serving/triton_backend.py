@@ -35,6 +35,7 @@ class TritonBackend:
             num_q_heads=shape.num_q_heads,
             num_kv_heads=shape.num_kv_heads,
             head_dim=shape.head_dim,
+            dtype=shape.dtype,
             device=self.device,
             decode_mode=self.decode_mode,
         )

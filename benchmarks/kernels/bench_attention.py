@@ -127,6 +127,7 @@ def _plan(meta, shape: Shape, mode="auto"):
         num_q_heads=shape.num_q_heads,
         num_kv_heads=shape.num_kv_heads,
         head_dim=shape.head_dim,
+        dtype=shape.dtype,
         decode_mode=mode,
     )
 

@@ -67,14 +67,20 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("gpu_static: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)")
         return 2
+    # Triton 3.9's default, stated (it warns while the default is implicit); the engine's runtime
+    # compiles with the same setting.
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     import torch
 
     from prefixserve.kernels import gpu_static, triton_launches
 
-    shapes = {s.name: s for s in (*triton_launches.MODEL_SHAPES.values(), *triton_launches.GRID_SHAPES)}
+    shapes = {
+        s.name: s for s in (*triton_launches.MODEL_SHAPES.values(), *triton_launches.GRID_SHAPES)
+    }
     if args.list_shapes:
         for s in shapes.values():
-            print(f"{s.name:14} {s.num_q_heads:3} query heads, {s.num_kv_heads} kv, head_dim {s.head_dim}")
+            heads = f"{s.num_q_heads:3} query heads, {s.num_kv_heads} kv"
+            print(f"{s.name:14} {heads}, head_dim {s.head_dim}")
         return 0
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     targets = args.targets.split(",")
@@ -120,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_table(rows, problems, quiet: bool) -> list[str]:
-    header = f"{'kernel':22} {'target':7} {'regs':>4} {'spill':>5} {'smem':>7} {'occ':>5} {'tc':>3}  config"
+    header = f"{'kernel':22} {'target':7} {'regs':>4} {'spill':>5} {'smem':>7} {'occ':>5} {'tc':>3}"
+    header += "  config"
     if not quiet:
         print(header)
     failures = []
@@ -142,7 +149,8 @@ def print_table(rows, problems, quiet: bool) -> list[str]:
 
 
 def print_summary(rows, targets: list[str]) -> None:
-    print("\nper kernel and target: variants, max registers, spilling variants, max shared KiB, min occupancy")
+    print("\nper kernel and target: variants, max registers, spilling variants, max shared KiB,")
+    print("min occupancy")
     groups: dict[tuple[str, str], list] = {}
     for r in rows:
         groups.setdefault((r.kernel, r.target), []).append(r)
@@ -150,7 +158,8 @@ def print_summary(rows, targets: list[str]) -> None:
         ok = [r for r in rs if r.error is None]
         errors = len(rs) - len(ok)
         print(
-            f"  {kernel:22} {target:7} {len(rs):4} variants  regs <= {max((r.registers for r in ok), default=0):3}"
+            f"  {kernel:22} {target:7} {len(rs):4} variants"
+            f"  regs <= {max((r.registers for r in ok), default=0):3}"
             f"  spilling {sum(1 for r in ok if r.spills):3}"
             f"  smem <= {max((r.shared_bytes for r in ok), default=0) / 1024:6.1f} KiB"
             f"  occupancy >= {min((r.occupancy for r in ok), default=0):.2f}"

@@ -54,7 +54,12 @@ def _run(case: dict, kind: str, device: str, **plan_kwargs):
         seed=len(_case_id(case)),
     )
     plan = plan_step(
-        sc.meta, num_q_heads=hq, num_kv_heads=hkv, head_dim=case["head_dim"], **plan_kwargs
+        sc.meta,
+        num_q_heads=hq,
+        num_kv_heads=hkv,
+        head_dim=case["head_dim"],
+        dtype=case["dtype"],
+        **plan_kwargs,
     )
     out = prefix_paged_attention(sc.query, sc.k_cache, sc.v_cache, plan, sc.scale)
     return out, sc, plan
@@ -111,7 +116,7 @@ def test_metadata_entry_point_and_long_split_decode(device):
         device=device,
         max_own=400,
     )
-    plan = plan_step(sc.meta, num_q_heads=4, num_kv_heads=1, head_dim=32)
+    plan = plan_step(sc.meta, num_q_heads=4, num_kv_heads=1, head_dim=32, dtype=sc.query.dtype)
     assert plan.decode_splits > 1
     assert_matches_oracle(
         prefix_paged_attention(sc.query, sc.k_cache, sc.v_cache, sc.meta, sc.scale), sc
@@ -138,7 +143,9 @@ def test_unreadable_slots_never_reach_an_output(kind, mode, poison, device):
     )
     poison_unreadable(sc, poison)
     sc = sc.to(device)
-    plan = plan_step(sc.meta, num_q_heads=4, num_kv_heads=2, head_dim=16, decode_mode=mode)
+    plan = plan_step(
+        sc.meta, num_q_heads=4, num_kv_heads=2, head_dim=16, dtype=sc.query.dtype, decode_mode=mode
+    )
     assert_matches_oracle(
         prefix_paged_attention(sc.query, sc.k_cache, sc.v_cache, plan, sc.scale), sc
     )
@@ -156,7 +163,7 @@ def test_rejects_mismatched_inputs(device):
         block_size=4,
         device=device,
     )
-    plan = plan_step(sc.meta, num_q_heads=4, num_kv_heads=2, head_dim=16)
+    plan = plan_step(sc.meta, num_q_heads=4, num_kv_heads=2, head_dim=16, dtype=sc.query.dtype)
     q, k, v = sc.query, sc.k_cache, sc.v_cache
     with pytest.raises(ValueError, match="dtype"):
         prefix_paged_attention(q.half(), k, v, plan, sc.scale)
@@ -206,7 +213,12 @@ def test_realistic_shapes_on_gpu(shape, gqa, head_dim):
         max_own=600 if kind != "decode" else 1000,
     )
     plan = plan_step(
-        sc.meta, num_q_heads=hkv * gqa, num_kv_heads=hkv, head_dim=head_dim, decode_mode=mode
+        sc.meta,
+        num_q_heads=hkv * gqa,
+        num_kv_heads=hkv,
+        head_dim=head_dim,
+        dtype=dtype,
+        decode_mode=mode,
     )
     assert_matches_oracle(
         prefix_paged_attention(sc.query, sc.k_cache, sc.v_cache, plan, sc.scale), sc

@@ -52,6 +52,7 @@ def test_one_plan_serves_steps_of_every_size_and_mix(mode, device):
         HQ,
         HKV,
         D,
+        dtype=torch.float32,
         max_batch=8,
         max_model_len=MAX_LEN,
         block_size=BS,
@@ -95,7 +96,16 @@ def test_one_plan_serves_steps_of_every_size_and_mix(mode, device):
 
 
 def test_steps_no_graph_can_run_are_refused():
-    plans = GraphPlans(HQ, HKV, D, max_batch=4, max_model_len=MAX_LEN, block_size=BS, device="cpu")
+    plans = GraphPlans(
+        HQ,
+        HKV,
+        D,
+        dtype=torch.float32,
+        max_batch=4,
+        max_model_len=MAX_LEN,
+        block_size=BS,
+        device="cpu",
+    )
 
     def scenario(q_lens, own, prefix_lens=()):
         return make_scenario(

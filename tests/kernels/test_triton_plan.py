@@ -23,7 +23,7 @@ def _decode_meta(batch, own, prefix_index, prefix_lens, block_size=16):
 
 
 def _plan(meta, **kw):
-    return plan_step(meta, num_q_heads=8, num_kv_heads=2, head_dim=16, **kw)
+    return plan_step(meta, num_q_heads=8, num_kv_heads=2, head_dim=16, dtype=torch.float32, **kw)
 
 
 def test_shared_long_prefix_is_grouped_and_distinct_is_plain():
@@ -96,7 +96,7 @@ def test_split_rule():
 def test_plan_rejects_bad_arguments():
     meta = _decode_meta(2, [3, 3], [0, 0], [5])
     with pytest.raises(ValueError, match="multiple"):
-        plan_step(meta, num_q_heads=6, num_kv_heads=4, head_dim=16)
+        plan_step(meta, num_q_heads=6, num_kv_heads=4, head_dim=16, dtype=torch.float32)
     with pytest.raises(ValueError, match="decode_mode"):
         _plan(meta, decode_mode="cascade")
     meta.own_lens = torch.tensor([0, 3], dtype=torch.int32)
