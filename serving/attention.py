@@ -9,7 +9,6 @@ The step's state reaches every layer as one keyword argument of the model's forw
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -115,37 +114,6 @@ class TorchBackend:
         scale: float,
     ) -> torch.Tensor:
         return reference.paged_prefix_attention(query, k_cache, v_cache, plan, scale)
-
-
-def select_backend(
-    requested: str | None, device: torch.device, shape: AttentionShape
-) -> AttentionBackend[Any]:
-    """``requested`` or $PREFIXSERVE_ATTENTION, else Triton on CUDA and on CPU the native op
-    (``cpu``; the PyTorch reference, with one warning, where it cannot be built). Triton on CPU
-    runs only under the Triton interpreter (slow; for tests), which the user turns on with
-    ``TRITON_INTERPRET=1`` before starting."""
-    name = requested or os.environ.get("PREFIXSERVE_ATTENTION")
-    if name is None and device.type == "cuda":
-        name = "triton"
-    if name is None or name == "cpu":
-        if device.type != "cpu":
-            raise ValueError(f"the 'cpu' attention backend runs on the CPU, not on {device}")
-        from .cpu_backend import NativeCPUBackend, native_or_reference
-
-        return native_or_reference(shape) if name is None else NativeCPUBackend(shape)
-    if name == "torch":
-        return TorchBackend(shape, device)
-    if name == "triton":
-        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(
-                "the Triton backend runs on CUDA devices; on a CPU it runs only under the Triton "
-                "interpreter (slow, for tests): set TRITON_INTERPRET=1 in the environment before "
-                "starting, or use the 'torch' backend"
-            )
-        from .triton_backend import TritonBackend
-
-        return TritonBackend(shape, device)
-    raise ValueError(f"PREFIXSERVE_ATTENTION must be 'cpu', 'torch' or 'triton', got {name!r}")
 
 
 @dataclass(slots=True)

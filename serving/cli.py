@@ -11,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .extras import MissingExtraError, require
+
 if TYPE_CHECKING:
     from .client import Client, Prompt
     from .server import PrefixServer, ServerConfig
@@ -96,10 +98,9 @@ def _serve_on_ray(
         replica_cpus=args.replica_cpus,
         replica_gpus=args.replica_gpus,
     )
-    try:
-        from .scaleout import run_fleet
-    except ImportError as e:
-        raise ValueError(str(e)) from None
+    require("ray", "prefixserve serve --ray (engine replicas on Ray Serve)")
+    from .scaleout import run_fleet
+
     print(f"prefixserve: starting {fleet.replicas} engine replicas on Ray", flush=True)
     run_fleet(config, fleet, on_ready=ready)
     return 0
@@ -478,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     except grpc.RpcError as e:
         print(f"prefixserve: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, MissingExtraError) as e:
         print(f"prefixserve: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -13,10 +13,53 @@ import inspect
 import os
 from dataclasses import MISSING, dataclass, field, fields
 from functools import cache
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
+
+# -- the environment: every variable prefixserve reads is read here ----------------------------
+
+ENVIRONMENT: dict[str, str] = {
+    "PREFIXSERVE_ATTENTION": "attention backend when none is given: cpu, torch or triton",
+    "PREFIXSERVE_CPU_ISA": "force a lower instruction set for the native CPU ops: avx512, avx2 "
+    "or baseline (default: the best this CPU runs)",
+    "PREFIXSERVE_ENFORCE_EAGER": "1 runs the model eagerly when enforce_eager is not given",
+    "PREFIXSERVE_CACHE": "cache directory (default $XDG_CACHE_HOME/prefixserve or "
+    "~/.cache/prefixserve): the converted default model, native op builds, the adapter registry",
+    "PREFIXSERVE_API_KEYS": "the server's API keys (TENANT KEY [admin] entries) when no "
+    "--api-keys file is given",
+    "PREFIXSERVE_API_KEY": "the key the client and the prefixserve CLI send",
+    "PREFIXSERVE_SERVER": "the server address the prefixserve CLI talks to",
+    "TRITON_INTERPRET": "1 runs the Triton kernels under Triton's CPU interpreter (tests only)",
+}
+"""Every environment variable prefixserve reads, and what it does (listed in the README)."""
+
+
+def env_cpu_isa() -> str | None:
+    """``$PREFIXSERVE_CPU_ISA``, or None to let the native ops pick the best ISA."""
+    return os.environ.get("PREFIXSERVE_CPU_ISA") or None
+
+
+def env_attention_backend() -> str | None:
+    """``$PREFIXSERVE_ATTENTION``, or None."""
+    return os.environ.get("PREFIXSERVE_ATTENTION") or None
+
+
+def triton_interpreted() -> bool:
+    """Whether ``TRITON_INTERPRET=1`` (the Triton kernels run on the CPU, for tests)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def cache_root() -> Path:
+    """``$PREFIXSERVE_CACHE``, else ``$XDG_CACHE_HOME/prefixserve``, else
+    ``~/.cache/prefixserve``."""
+    if override := os.environ.get("PREFIXSERVE_CACHE"):
+        return Path(override).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "prefixserve"
+
 
 DTYPES: dict[str, str] = {
     "float32": "float32",

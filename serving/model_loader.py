@@ -15,6 +15,7 @@ from transformers import (
 
 from .attention import register_attention
 from .config import ModelConfig
+from .extras import require
 
 logger = logging.getLogger(__name__)
 
@@ -31,13 +32,8 @@ def resolve_model_path(model: str | None) -> str:
 def _quantization_config(config: ModelConfig) -> object | None:
     if config.quantization == "none":
         return None
-    try:
-        import bitsandbytes  # noqa: F401
-        from transformers import BitsAndBytesConfig
-    except ImportError as e:
-        raise ValueError(
-            f"quantization={config.quantization!r} needs bitsandbytes: pip install bitsandbytes"
-        ) from e
+    require("quant", f"quantization={config.quantization!r}")
+    from transformers import BitsAndBytesConfig
     if config.quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     quant_type = "fp4" if config.quantization == "fp4" else "nf4"

@@ -11,17 +11,17 @@ import logging
 import time
 from dataclasses import dataclass
 from itertools import chain
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from transformers import PreTrainedModel
 
 from .adapters import ModelShape
-from .attention import STEP_KWARG, AttentionShape, StepContext, select_backend
+from .attention import STEP_KWARG, AttentionShape, StepContext
+from .backends import select_backend
 from .compiled import CompiledForward, cannot_compile
 from .config import EngineConfig
-from .cuda_graphs import DecodeGraphs, capture_sizes
 from .kernels import reference
 from .kernels.metadata import AttentionMetadata
 from .kv_cache import KVCachePool, KVCacheSpec, blocks_for, size_pool
@@ -30,7 +30,9 @@ from .prefix_store import Prefix
 from .request import Request
 from .scheduler import PrefixFill, SchedulerOutput
 from .startup import say
-from .triton_backend import TritonBackend
+
+if TYPE_CHECKING:  # CUDA graphs need the triton extra: imported where they are chosen
+    from .cuda_graphs import DecodeGraphs
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +106,8 @@ class ModelRunner:
         limit = min(config.max_cuda_graph_batch, config.scheduler.max_num_seqs)
         if self.device.type == "cuda" and not config.eager and limit > 0:
             longest = max_model_len or model.config.get_text_config().max_position_embeddings
+            from .cuda_graphs import capture_sizes
+
             self.use_decode_graphs(capture_sizes(limit), longest)
 
     def prepare(self, scheduled: SchedulerOutput) -> ModelInput:
@@ -261,12 +265,16 @@ class ModelRunner:
         Triton backend. ``capture=False`` runs the graphs' bodies without capturing them (tests
         of the padding and buffers on a CPU). A capture that fails leaves steps graph-free,
         saying why once."""
-        if not isinstance(self.backend, TritonBackend):
+        if self.backend.name != "triton":
             logger.warning(
                 "prefixserve: no CUDA graphs: they need the triton attention backend, not %s",
                 self.backend.name,
             )
             return
+        from .cuda_graphs import DecodeGraphs
+        from .triton_backend import TritonBackend
+
+        assert isinstance(self.backend, TritonBackend)
 
         def forward(
             step: StepContext[Any],
