@@ -17,11 +17,10 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-from .adapters import Adapter
-from .engine import EngineStats, LLMEngine, Prompt, StepError
-from .prefix_store import AdapterInfo
+from .engine import EngineDescription, EngineStats, LLMEngine, Prompt, StepError
 from .request import RequestOutput
 from .sampling_params import SamplingParams
+from .types import AdapterInfo
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -54,7 +53,7 @@ class AsyncEngine:
         self._ids = itertools.count()
         self._stopping = threading.Event()
         self._error: BaseException | None = None
-        self.description = engine.describe()
+        self._description = engine.describe()
         self._stats = engine.stats()
         self._thread = threading.Thread(target=self._loop, name="prefixserve-engine", daemon=True)
         self._thread.start()
@@ -117,28 +116,43 @@ class AsyncEngine:
 
     async def adapter_info(self, names: list[str]) -> list[AdapterInfo | None]:
         """What the engine holds of each adapter in ``names`` (None if not loaded)."""
-        return await self.run(lambda e: [e.adapter_info(name) for name in names])
+        return await self._call(lambda: [self.engine.adapter_info(name) for name in names])
 
-    async def read_adapter(
+    async def load_adapter(
         self, name: str, path: str | None = None, text: str | None = None
-    ) -> Adapter:
-        """Read and validate an adapter in a worker thread (see ``LLMEngine.read_adapter``);
-        register it with ``run(lambda e: e.add_adapter(adapter))``."""
-        return await asyncio.to_thread(self.engine.read_adapter, name, path, text)
+    ) -> AdapterInfo:
+        """Read and validate the adapter in a worker thread (reading megabytes never holds up a
+        step), then register it on the engine's thread between steps."""
+        adapter = await asyncio.to_thread(self.engine.read_adapter, name, path, text)
+        return await self._call(lambda: self.engine.add_adapter(adapter))
+
+    async def check_adapter(
+        self, name: str, path: str | None = None, text: str | None = None
+    ) -> AdapterInfo:
+        """What loading the adapter would hold (its blocks checked against the pool), without
+        keeping it. Raises ``AdapterError`` naming the problem."""
+        adapter = await asyncio.to_thread(self.engine.read_adapter, name, path, text)
+
+        def trial() -> AdapterInfo:
+            info = self.engine.add_adapter(adapter)
+            self.engine.unload_adapter(name)
+            return info
+
+        return await self._call(trial)
+
+    async def unload_adapter(self, name: str, missing_ok: bool = False) -> bool:
+        """Unload ``name``: True if at once, False once its last request ends."""
+        return await self._call(lambda: self.engine.unload_adapter(name, missing_ok=missing_ok))
 
     async def abort(self, request_id: str) -> None:
         """Abort a request; its stream ends with an output whose finish reason is 'abort'."""
         await self._call(lambda: self._abort(request_id))
 
-    async def run(self, fn: Callable[[LLMEngine], T]) -> T:
-        """Run ``fn(engine)`` on the engine thread between steps (e.g. to load an adapter)."""
-        return await self._call(lambda: fn(self.engine))
-
     async def shutdown(self, timeout: float | None = None) -> None:
         """Let running requests finish for up to ``timeout`` seconds, abort the rest, stop."""
         if timeout:
             deadline = asyncio.get_running_loop().time() + timeout
-            while self.engine.has_unfinished_requests() and self._thread.is_alive():
+            while self._has_work() and self._thread.is_alive():
                 if asyncio.get_running_loop().time() >= deadline:
                     break
                 await asyncio.sleep(0.05)
@@ -148,6 +162,15 @@ class AsyncEngine:
         self._commands.put((lambda: None, Future()))
         await asyncio.to_thread(self._thread.join)
         self._fail_pending_commands()
+
+    def _has_work(self) -> bool:
+        """From the published snapshot: the engine's own state belongs to its thread."""
+        snapshot = self._stats
+        return snapshot.waiting + snapshot.running > 0
+
+    @property
+    def description(self) -> EngineDescription:
+        return self._description
 
     @property
     def is_running(self) -> bool:

@@ -20,12 +20,13 @@ from .detokenizer import IncrementalDetokenizer
 from .kv_cache import BlockAllocator, blocks_for
 from .model_loader import load_model
 from .model_runner import ModelRunner
-from .prefix_store import AdapterInfo, PrefixStore
+from .prefix_store import PrefixStore
 from .request import FinishReason, ListPrefix, Request, RequestOutput
 from .sampler import Sampler, request_generator
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .text import shorten
+from .types import AdapterInfo
 
 logger = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ from transformers import PreTrainedTokenizerBase
 
 from .config import EngineConfig
 from .engine import LLMEngine, Prompt
-from .prefix_store import AdapterInfo
 from .request import RequestOutput
 from .sampling_params import SamplingParams
+from .types import AdapterInfo
 
 Message = dict[str, str]
 

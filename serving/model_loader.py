@@ -34,6 +34,7 @@ def _quantization_config(config: ModelConfig) -> object | None:
         return None
     require("quant", f"quantization={config.quantization!r}")
     from transformers import BitsAndBytesConfig
+
     if config.quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     quant_type = "fp4" if config.quantization == "fp4" else "nf4"

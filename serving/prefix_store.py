@@ -20,6 +20,7 @@ from .adapters import (
 )
 from .kv_cache import BlockAllocator, blocks_for
 from .text import shorten
+from .types import AdapterInfo
 
 
 @dataclass(slots=True, eq=False)
@@ -52,24 +53,6 @@ class Prefix:
     def materialized(self) -> bool:
         """Whether every token of the prefix has its K/V in the pool."""
         return self.resident and self.filled == self.num_tokens
-
-
-@dataclass(frozen=True, slots=True)
-class AdapterInfo:
-    """What ``list_adapters`` reports about one adapter."""
-
-    name: str
-    kind: str
-    num_tokens: int
-    """P, the prefix length in tokens."""
-    host_bytes: int
-    """Size of the host copy kept for re-materialization."""
-    kv_bytes: int
-    """Size of the prefix's K/V blocks in the pool (when resident)."""
-    resident: bool
-    requests: int
-    """Unfinished requests using it."""
-    unloading: bool
 
 
 @dataclass(slots=True)

@@ -1,10 +1,10 @@
 """The front end's record of the fleet's adapters.
 
-The gRPC adapter service changes an engine's adapters with ``engine.run(lambda e:
-e.add_adapter(adapter))`` and ``e.unload_adapter(name)``. In a fleet those calls land here: an
-adapter that a replica has validated is added to the catalog (and the registry), and from then
-on any replica loads it on its first request; unloading removes it, new requests are refused at
-once and every replica frees its copy (see ``EngineReplica``).
+The gRPC adapter service changes an engine's adapters with ``load_adapter`` and
+``unload_adapter`` (:class:`~prefixserve.engine_client.EngineClient`). In a fleet those calls
+land here: an adapter that a replica has validated is added to the catalog (and the registry),
+and from then on any replica loads it on its first request; unloading removes it, new requests
+are refused at once and every replica frees its copy (see ``EngineReplica``).
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from ..adapters import AdapterNameTakenError, AdapterNotFoundError
-from ..prefix_store import AdapterInfo
 from ..text import shorten
+from ..types import AdapterInfo
 
 
 @dataclass(frozen=True, slots=True)
 class CheckedAdapter:
     """An adapter a replica has read and validated against the model (what
-    ``ReplicaFleet.read_adapter`` returns, in place of the engine's host copy)."""
+    ``ReplicaFleet.load_adapter`` records, in place of the engine's host copy)."""
 
     name: str
     """The engine name: ``NAME`` (public) or ``TENANT/NAME``."""

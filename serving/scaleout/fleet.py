@@ -1,8 +1,7 @@
 """The engine replicas as the gRPC services see one engine.
 
-:class:`ReplicaFleet` has the part of ``AsyncEngine``'s interface that the generation and
-adapter services use (``generate``, ``read_adapter``, ``run``, ``adapter_info``, ``description``,
-``is_running``, ``shutdown``), so the single-server services run unchanged in front of a fleet:
+:class:`ReplicaFleet` implements :class:`~prefixserve.engine_client.EngineClient`, the
+interface the generation and adapter services use, so they run unchanged in front of a fleet:
 authentication, tenants, the registry, quotas and every status stay the same code. Requests go
 to the replicas through a Ray Serve ``DeploymentHandle``, with the adapter's version as the
 multiplexed model id.
@@ -13,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
@@ -24,10 +23,10 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from ..adapters import AdapterNotFoundError
 from ..async_engine import EngineDeadError, QueueFullError
 from ..engine import EngineDescription, EngineStats, Prompt
-from ..prefix_store import AdapterInfo
 from ..sampling_params import SamplingParams
 from ..server.registry import AdapterRegistry
 from ..text import shorten
+from ..types import AdapterInfo
 from .catalog import AdapterCatalog, CheckedAdapter
 from .config import FleetConfig
 from .messages import Accepted, AdapterRef, OutputAssembler, ReplicaJob, ServedOutput
@@ -86,15 +85,20 @@ class ReplicaFleet:
         self.replicas: dict[str, ReplicaView] = {}
         self._holders: dict[str, str] = {}
         """Model id -> the replica that accepted its latest request."""
-        self.description: EngineDescription | None = None
+        self._description: EngineDescription | None = None
         self._by_adapter = config.routing == "adapter"
         self._ids = itertools.count()
         self._running = False
 
     async def start(self) -> None:
         """Ask a replica what the engines serve."""
-        self.description = await self._call("describe")
+        self._description = await self._call("describe")
         self._running = True
+
+    @property
+    def description(self) -> EngineDescription:
+        assert self._description is not None, "start() the fleet first"
+        return self._description
 
     @property
     def is_running(self) -> bool:
@@ -110,16 +114,17 @@ class ReplicaFleet:
 
     # -- adapters (the adapter service's calls) ------------------------------------------------
 
-    async def read_adapter(
+    async def load_adapter(
         self, name: str, path: str | None = None, text: str | None = None
-    ) -> CheckedAdapter:
-        """Have a replica read and validate the adapter (raises its ``AdapterError``)."""
+    ) -> AdapterInfo:
+        """Have a replica read and validate the adapter (raises its ``AdapterError``), then make
+        it usable on every replica: each loads it from the shared registry on first use."""
         info: AdapterInfo = await self._call("check_adapter", name, path=path, text=text)
-        return CheckedAdapter(name, info, path)
+        return self.catalog.add_adapter(CheckedAdapter(name, info, path))
 
-    async def run(self, fn: Callable[[AdapterCatalog], T]) -> T:
-        """Apply an adapter change (``add_adapter``, ``unload_adapter``) to the catalog."""
-        return fn(self.catalog)
+    async def unload_adapter(self, name: str, missing_ok: bool = False) -> bool:
+        """Refuse the adapter from now on; every replica frees its copy within a second."""
+        return self.catalog.unload_adapter(name, missing_ok=missing_ok)
 
     async def adapter_info(self, names: list[str]) -> list[AdapterInfo | None]:
         """Each adapter as the fleet holds it: ``resident`` if a replica holds its current

@@ -24,9 +24,9 @@ from ..adapters import AdapterNotFoundError
 from ..async_engine import AsyncEngine
 from ..config import EngineConfig
 from ..engine import EngineDescription, LLMEngine
-from ..prefix_store import AdapterInfo
 from ..request import RequestOutput
 from ..server.registry import AdapterRegistry
+from ..types import AdapterInfo
 from .messages import (
     Accepted,
     AdapterRef,
@@ -132,14 +132,7 @@ class EngineReplica:
     ) -> AdapterInfo:
         """Read and validate an adapter as this engine would load it, and what it would hold,
         without keeping it. Raises ``AdapterError`` naming the problem."""
-        adapter = await self.engine.read_adapter(name, path=path, text=text)
-
-        def trial(engine: LLMEngine) -> AdapterInfo:
-            info = engine.add_adapter(adapter)  # checks that its blocks fit the pool
-            engine.unload_adapter(name)
-            return info
-
-        return await self.engine.run(trial)
+        return await self.engine.check_adapter(name, path=path, text=text)
 
     async def describe(self) -> EngineDescription:
         return self.engine.description
@@ -161,8 +154,7 @@ class EngineReplica:
         engine_name = f"{ref.model_id}#{next(self._loads)}"
         try:
             source = await asyncio.to_thread(AdapterRegistry.adapter_source, Path(ref.path))
-            adapter = await self.engine.read_adapter(engine_name, **source)
-            await self.engine.run(lambda e: e.add_adapter(adapter))
+            await self.engine.load_adapter(engine_name, **source)
         except (OSError, ValueError) as e:
             logger.warning("replica %s: cannot load %s: %s", self.name, ref.model_id, e)
             raise AdapterNotFoundError(
@@ -185,7 +177,7 @@ class EngineReplica:
     async def _unload(self, engine_name: str) -> None:
         self._loaded.pop(engine_name, None)
         try:
-            await self.engine.run(lambda e: e.unload_adapter(engine_name, missing_ok=True))
+            await self.engine.unload_adapter(engine_name, missing_ok=True)
         except Exception as e:  # the engine is shutting down
             logger.info("replica %s: %s not unloaded: %r", self.name, engine_name, e)
 

@@ -19,7 +19,6 @@ from grpc_health.v1 import health_pb2
 from transformers import AutoTokenizer
 
 from .._proto import prefixserve_pb2 as pb
-from ..async_engine import AsyncEngine
 from ..client import REPLICA_METADATA
 from ..model_loader import resolve_model_path
 from ..request import RequestOutput
@@ -74,8 +73,7 @@ class FleetServer(PrefixServer):
         self.fleet = fleet
         path = resolve_model_path(self.config.engine.model.model)
         self.state.tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, path)
-        # The fleet has the part of AsyncEngine's interface that the services use.
-        self.state.engine = cast(AsyncEngine, fleet)
+        self.state.engine = fleet
         self.state.model_info = model_info(self.state.engine)
         self.state.metrics.registry.register(ReplicaCollector(fleet))
         await restore_adapters(self.state, self.config.adapters)

@@ -19,9 +19,9 @@ from grpc import aio
 from .._proto import prefixserve_pb2 as pb
 from .._proto import prefixserve_pb2_grpc as pb_grpc
 from ..adapters import AdapterError
-from ..async_engine import AsyncEngine
-from ..prefix_store import AdapterInfo
+from ..engine_client import EngineClient
 from ..text import shorten
+from ..types import AdapterInfo
 from . import protocol
 from .errors import AlreadyExistsError, PermissionDeniedError, QuotaError, TooLargeError
 from .registry import AdapterRecord, AdapterRegistry, not_found
@@ -52,11 +52,10 @@ class AdapterSpec:
         return cls(name, path, owner or None)
 
 
-async def _engine_load(engine: AsyncEngine, name: str, source: dict[str, str]) -> AdapterInfo:
+async def _engine_load(engine: EngineClient, name: str, source: dict[str, str]) -> AdapterInfo:
     """Read and validate the adapter in a worker thread, then register it on the engine's
     thread (between steps)."""
-    adapter = await engine.read_adapter(name, path=source.get("path"), text=source.get("text"))
-    return await engine.run(lambda e: e.add_adapter(adapter))
+    return await engine.load_adapter(name, path=source.get("path"), text=source.get("text"))
 
 
 def _client_words(message: str, staged: Path, record: AdapterRecord) -> str:
@@ -110,7 +109,7 @@ class AdapterService(pb_grpc.AdapterServiceServicer):
 
     async def _load(
         self,
-        engine: AsyncEngine,
+        engine: EngineClient,
         request: pb.LoadAdapterRequest,
         tenant: Tenant,
         record: AdapterRecord,
@@ -136,12 +135,12 @@ class AdapterService(pb_grpc.AdapterServiceServicer):
                 await asyncio.to_thread(registry.add, record, staged)
             except BaseException:
                 await asyncio.to_thread(registry.discard, staged)
-                await engine.run(lambda e: e.unload_adapter(record.engine_name))
+                await engine.unload_adapter(record.engine_name)
                 raise
         return info
 
     async def _undo_load(
-        self, engine: AsyncEngine, load: asyncio.Task[AdapterInfo], record: AdapterRecord
+        self, engine: EngineClient, load: asyncio.Task[AdapterInfo], record: AdapterRecord
     ) -> None:
         """The caller of ``load`` went away: once it ends, remove what it made."""
         try:
@@ -151,7 +150,7 @@ class AdapterService(pb_grpc.AdapterServiceServicer):
         async with self.state.adapter_lock:
             if self.state.registry.records.get(record.engine_name) is not record:
                 return  # already unloaded by another call
-            await engine.run(lambda e: e.unload_adapter(record.engine_name))
+            await engine.unload_adapter(record.engine_name)
             await asyncio.to_thread(self.state.registry.remove, record)
         logger.info("load of adapter %s undone: its caller went away", record.engine_name)
 
@@ -224,13 +223,13 @@ class AdapterService(pb_grpc.AdapterServiceServicer):
         logger.info("tenant %s unloaded adapter %s", tenant.name, record.engine_name)
         return pb.UnloadAdapterResponse(unloaded_now=now)
 
-    async def _unload(self, engine: AsyncEngine, record: AdapterRecord) -> bool:
+    async def _unload(self, engine: EngineClient, record: AdapterRecord) -> bool:
         """Unload from the engine and the registry together (runs to its end once begun)."""
         async with self.state.adapter_lock:
             if self.state.registry.records.get(record.engine_name) is not record:
                 raise not_found(record.name)  # another call unloaded it meanwhile
 
-            now = await engine.run(lambda e: e.unload_adapter(record.engine_name, missing_ok=True))
+            now = await engine.unload_adapter(record.engine_name, missing_ok=True)
             await asyncio.to_thread(self.state.registry.remove, record)
         return now
 

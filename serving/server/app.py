@@ -252,8 +252,11 @@ class BackgroundServer:
 
     @property
     def engine(self) -> LLMEngine:
-        assert self.server is not None and self.server.state.engine is not None
-        return self.server.state.engine.engine
+        """The engine of a single-process server (for tests)."""
+        assert self.server is not None
+        engine = self.server.state.engine
+        assert isinstance(engine, AsyncEngine), "a fleet's engines live in its replicas"
+        return engine.engine
 
     def stop(self, grace: float | None = None, timeout: float = 120) -> None:
         if self.server is not None:

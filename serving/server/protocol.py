@@ -7,11 +7,11 @@ from collections.abc import Sequence
 from transformers import PreTrainedTokenizerBase
 
 from .._proto import prefixserve_pb2 as pb
-from ..prefix_store import AdapterInfo
 from ..request import RequestOutput
 from ..sampler import TokenLogprobs
 from ..sampling_params import SamplingParams
 from ..text import shorten
+from ..types import AdapterInfo
 from .registry import AdapterRecord
 
 FINISH_REASONS = {

@@ -21,8 +21,8 @@ from transformers import PreTrainedTokenizerBase
 from .. import __version__
 from .._proto import prefixserve_pb2 as pb
 from .._proto import prefixserve_pb2_grpc as pb_grpc
-from ..async_engine import AsyncEngine
 from ..engine import Prompt
+from ..engine_client import EngineClient
 from ..quota import TenantQuota
 from ..request import RequestOutput
 from ..sampling_params import MAX_LOGPROBS
@@ -41,7 +41,7 @@ class ServingState:
     registry: AdapterRegistry
     metrics: ServerMetrics
     max_upload_bytes: int
-    engine: AsyncEngine | None = None
+    engine: EngineClient | None = None
     tokenizer: PreTrainedTokenizerBase | None = None
     """The server's own tokenizer (the engine's belongs to the engine thread)."""
     quota: TenantQuota = field(default_factory=TenantQuota)
@@ -49,7 +49,7 @@ class ServingState:
     adapter_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     """Serializes adapter loads and unloads."""
 
-    def ready(self) -> AsyncEngine:
+    def ready(self) -> EngineClient:
         if self.engine is None:
             raise NotReadyError("the model is still loading; retry when health says SERVING")
         if not self.engine.is_running:
@@ -66,7 +66,7 @@ def model_name(model_path: str) -> str:
     return PurePosixPath(str(model_path).replace("\\", "/").rstrip("/")).name or "model"
 
 
-def model_info(engine: AsyncEngine) -> pb.ModelInfo:
+def model_info(engine: EngineClient) -> pb.ModelInfo:
     d = engine.description
     return pb.ModelInfo(
         model=model_name(d.model_path),
