@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .config import env_server
 from .extras import MissingExtraError, require
 
 if TYPE_CHECKING:
@@ -38,41 +38,18 @@ DEFAULT_SERVER = "127.0.0.1:50051"
 
 def _serve(args: argparse.Namespace) -> int:
     from .config import EngineConfig, engine_options
-    from .default_model import cache_root
-    from .quota import TenantQuota
-    from .server import AdapterSpec, ApiKeys, ServerConfig, serve
+    from .server import serve
+    from .server.config import server_config, server_options
 
     if not args.ray and (args.replicas is not None or args.ray_address is not None):
         raise ValueError("--replicas and --ray-address run engine replicas on Ray: add --ray")
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s"
     )
-    registry = (
-        None if args.registry_dir == "none" else args.registry_dir or cache_root() / "registry"
+    engine = EngineConfig.from_kwargs(
+        **{option.name: getattr(args, option.name) for option in engine_options()}
     )
-    config = ServerConfig(
-        engine=EngineConfig.from_kwargs(
-            **{option.name: getattr(args, option.name) for option in engine_options()}
-        ),
-        host=args.host,
-        port=args.port,
-        api_keys=ApiKeys.load(args.api_keys),
-        registry_dir=registry,
-        adapters=[AdapterSpec.parse(a) for a in args.adapter],
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        metrics_port=args.metrics_port,
-        metrics_host=args.metrics_host,
-        max_waiting=args.max_waiting,
-        max_upload_bytes=int(args.max_upload_mb * 2**20),
-        max_request_bytes=int(args.max_request_kb * 2**10),
-        quota=TenantQuota(
-            max_adapters=args.max_adapters_per_tenant,
-            max_adapter_bytes=int(args.max_adapter_mb_per_tenant * 2**20),
-            max_waiting=args.max_waiting_per_tenant,
-        ),
-        shutdown_grace=args.shutdown_grace,
-    )
+    config = server_config({o.dest: getattr(args, o.dest) for o in server_options()}, engine)
     keys = (
         "open: no API keys" if config.api_keys.open else f"{len(config.api_keys.tenants)} tenants"
     )
@@ -136,6 +113,47 @@ def _add_engine_flags(group: argparse._ArgumentGroup) -> None:
         )
 
 
+def _add_server_flags(group: argparse._ArgumentGroup) -> None:
+    """One flag per server option (``prefixserve.server.config``), its default and docstring
+    as help."""
+    from .server.config import server_options
+
+    for option in server_options():
+        flag, spec = "--" + option.dest.replace("_", "-"), option.flag
+        shown = (
+            ""
+            if option.default is None
+            else f" (default: {option.default:g})"
+            if isinstance(option.default, float)
+            else f" (default: {option.default})"
+        )
+        help_text = (option.help + shown).replace("%", "%%")
+        if spec.repeat:
+            group.add_argument(
+                flag,
+                dest=option.dest,
+                action="append",
+                default=[],
+                metavar=spec.metavar,
+                help=help_text,
+            )
+            continue
+        annotation = option.annotation
+        if spec.unit != 1:  # a byte count given in MiB or KiB: fractions allowed
+            annotation = annotation.replace("int", "float")
+        if option.field in ("api_keys", "registry_dir"):  # a path, or 'none' kept as text
+            annotation = "str"
+        group.add_argument(
+            flag,
+            dest=option.dest,
+            type=_flag_type(annotation),
+            default=option.default,
+            metavar=spec.metavar
+            or option.dest.removesuffix("_per_tenant").rpartition("_")[2].upper(),
+            help=help_text,
+        )
+
+
 def _flag_type(annotation: str) -> Callable[[str], object]:
     """Parser of a flag's text for a field typed ``annotation``; 'none' gives None where the
     field is optional."""
@@ -169,69 +187,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
             "engine", "model, KV pool, scheduling, attention ('none' sets an option to None)"
         )
     )
-    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines")
-    p.add_argument("--port", type=int, default=50051, help="gRPC port (0 = any free port)")
-    p.add_argument(
-        "--adapter",
-        action="append",
-        default=[],
-        metavar="[TENANT/]NAME=PATH",
-        help="load a PEFT adapter directory at startup, public unless TENANT/ is given "
-        "(repeatable)",
-    )
-    p.add_argument("--api-keys", metavar="FILE", help="API keys file (see below)")
-    p.add_argument("--tls-cert", metavar="PEM", help="TLS certificate chain (with --tls-key)")
-    p.add_argument("--tls-key", metavar="PEM", help="TLS private key")
-    p.add_argument(
-        "--registry-dir",
-        help="where loaded adapters persist across restarts "
-        "(default: ~/.cache/prefixserve/registry; 'none' = forget on exit)",
-    )
-    p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
-    p.add_argument(
-        "--metrics-host",
-        help="address of /metrics, which has no authentication (default: the same as --host)",
-    )
-    p.add_argument(
-        "--max-waiting",
-        type=int,
-        default=256,
-        help="queued requests before new ones get RESOURCE_EXHAUSTED",
-    )
-    from .quota import TenantQuota
-
-    quota = TenantQuota()
-    p.add_argument(
-        "--max-waiting-per-tenant",
-        type=int,
-        default=quota.max_waiting,
-        help="queued requests of one tenant before its new ones get RESOURCE_EXHAUSTED "
-        "(servers with API keys; default %(default)s)",
-    )
-    p.add_argument(
-        "--max-adapters-per-tenant",
-        type=int,
-        default=quota.max_adapters,
-        help="private adapters one tenant may hold (default %(default)s)",
-    )
-    p.add_argument(
-        "--max-adapter-mb-per-tenant",
-        type=float,
-        default=(quota.max_adapter_bytes or 0) / 2**20,
-        help="MiB of adapter files one tenant may hold (default %(default)s)",
-    )
-    p.add_argument("--max-upload-mb", type=float, default=64, help="largest adapter upload")
-    p.add_argument(
-        "--max-request-kb",
-        type=float,
-        default=1024,
-        help="largest Generate, GenerateStream or Tokenize request (prompt, stop strings...)",
-    )
-    p.add_argument(
-        "--shutdown-grace",
-        type=float,
-        default=10.0,
-        help="seconds in-flight requests get to finish on shutdown",
+    _add_server_flags(
+        p.add_argument_group("server", "listening, tenants, limits ('none' sets an option to None)")
     )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     _add_ray_flags(p.add_argument_group("replicas on Ray Serve (needs prefixserve[ray])"))
@@ -343,7 +300,7 @@ def _adapters(args: argparse.Namespace) -> int:
 def _client_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--server",
-        default=os.environ.get("PREFIXSERVE_SERVER", DEFAULT_SERVER),
+        default=env_server(DEFAULT_SERVER),
         help="host:port of a running `prefixserve serve` (default: "
         "$PREFIXSERVE_SERVER or %(default)s)",
     )

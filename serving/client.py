@@ -16,7 +16,6 @@ This module needs only grpcio and protobuf (no torch, no transformers).
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ._proto import prefixserve_pb2 as pb
 from ._proto import prefixserve_pb2_grpc as pb_grpc
+from .config import env_api_key
 
 Prompt = str | Sequence[int] | Sequence[Mapping[str, str]]
 REPLICA_METADATA = "prefixserve-replica"
@@ -228,7 +228,7 @@ class _Base:
         timeout: float | None,
     ) -> None:
         self.target = target
-        key = api_key if api_key is not None else os.environ.get("PREFIXSERVE_API_KEY")
+        key = api_key if api_key is not None else env_api_key()
         self.metadata = (("authorization", f"Bearer {key}"),) if key else ()
         self.timeout = timeout
         self.credentials = None

@@ -52,6 +52,21 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def env_api_keys(environ: dict[str, str] | None = None) -> str:
+    """``$PREFIXSERVE_API_KEYS``: key entries separated by ';' (empty if unset)."""
+    return (os.environ if environ is None else environ).get("PREFIXSERVE_API_KEYS", "")
+
+
+def env_api_key() -> str | None:
+    """``$PREFIXSERVE_API_KEY``, the key a client sends, or None."""
+    return os.environ.get("PREFIXSERVE_API_KEY") or None
+
+
+def env_server(default: str) -> str:
+    """``$PREFIXSERVE_SERVER``, the address the command line's client commands use."""
+    return os.environ.get("PREFIXSERVE_SERVER") or default
+
+
 def cache_root() -> Path:
     """``$PREFIXSERVE_CACHE``, else ``$XDG_CACHE_HOME/prefixserve``, else
     ``~/.cache/prefixserve``."""
@@ -91,6 +106,24 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
         raise ValueError(
             f"dtype must be one of 'auto', {', '.join(repr(k) for k in DTYPES)}, got {dtype!r}"
         ) from None
+
+
+@dataclass(frozen=True, slots=True)
+class Flag:
+    """How a config field appears on the command line where not as ``--field-name VALUE``
+    (``field(metadata=flag(...))``)."""
+
+    name: str | None = None
+    """The flag's name (``api_keys`` -> ``--api-keys``); None = the field's."""
+    unit: int = 1
+    """The field holds the flag's value times this (bytes for a MiB flag)."""
+    metavar: str | None = None
+    repeat: bool = False
+    """The flag may be given many times; the field is the list of their values."""
+
+
+def flag(**kwargs: Any) -> dict[str, Flag]:
+    return {"flag": Flag(**kwargs)}
 
 
 @dataclass(slots=True)
@@ -267,7 +300,7 @@ def engine_options() -> tuple[EngineOption, ...]:
     """Every engine option, in declaration order, with its default and docstring."""
     options = []
     for cls in (*SECTIONS.values(), EngineConfig):
-        docs = _field_docstrings(cls)
+        docs = field_docstrings(cls)
         for f in fields(cls):
             if cls is EngineConfig and f.name in SECTIONS:
                 continue
@@ -276,7 +309,7 @@ def engine_options() -> tuple[EngineOption, ...]:
     return tuple(options)
 
 
-def _field_docstrings(cls: type) -> dict[str, str]:
+def field_docstrings(cls: type) -> dict[str, str]:
     """``{field: docstring}`` from the string literal under each field in ``cls``'s source."""
     body = ast.parse(inspect.getsource(cls)).body[0]
     assert isinstance(body, ast.ClassDef)

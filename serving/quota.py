@@ -3,7 +3,9 @@ importing the server)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from .config import flag
 
 
 @dataclass(frozen=True, slots=True)
@@ -13,8 +15,10 @@ class TenantQuota:
 
     max_adapters: int | None = 64
     """Private adapters per tenant."""
-    max_adapter_bytes: int | None = 1 << 30
-    """Bytes of adapter files per tenant."""
+    max_adapter_bytes: int | None = field(
+        default=1 << 30, metadata=flag(name="max_adapter_mb", unit=2**20)
+    )
+    """Bytes of adapter files per tenant (MiB on the command line)."""
     max_waiting: int | None = 64
     """Requests of one tenant waiting for the engine at once (a server with keys only: an
     open server has one tenant, bounded by ``max_waiting`` of the server)."""

@@ -7,6 +7,8 @@ the client would see RESOURCE_EXHAUSTED instead of the real reason.
 
 from __future__ import annotations
 
+import re
+
 QUOTE_LIMIT = 80
 """Characters of a quoted value kept in a message."""
 
@@ -26,3 +28,17 @@ def shorten(value: object, limit: int = QUOTE_LIMIT) -> str:
     if len(text) <= limit:
         return text
     return f"{text[:limit]}... ({len(text)} chars)"
+
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+"""Tenant and adapter names."""
+
+
+def check_name(what: str, name: str) -> str:
+    """``name`` if it is a valid tenant or adapter name, else ``ValueError`` saying why."""
+    if not NAME_PATTERN.fullmatch(name):
+        raise ValueError(
+            f"{what} {shorten(name)} is not valid: use 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Coroutine
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,33 +22,14 @@ from ..engine_client import EngineClient
 from ..text import shorten
 from ..types import AdapterInfo
 from . import protocol
+from .config import AdapterSpec
 from .errors import AlreadyExistsError, PermissionDeniedError, QuotaError, TooLargeError
 from .registry import AdapterRecord, AdapterRegistry, not_found
 from .service import ServingState
-from .tenants import Tenant, check_name
+from .tenants import Tenant
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True)
-class AdapterSpec:
-    """An adapter to load at startup: ``[TENANT/]NAME=PATH`` on the command line."""
-
-    name: str
-    path: str
-    owner: str | None = None
-
-    @classmethod
-    def parse(cls, text: str) -> AdapterSpec:
-        key, sep, path = text.partition("=")
-        if not sep or not key or not path:
-            raise ValueError(f"--adapter expects [TENANT/]NAME=PATH, got {text!r}")
-        owner, _, name = key.rpartition("/")
-        check_name("adapter name", name)
-        if owner:
-            check_name("tenant", owner)
-        return cls(name, path, owner or None)
 
 
 async def _engine_load(engine: EngineClient, name: str, source: dict[str, str]) -> AdapterInfo:

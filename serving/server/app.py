@@ -10,7 +10,6 @@ import signal
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -24,13 +23,12 @@ from .._proto import prefixserve_pb2_grpc as pb_grpc
 from ..async_engine import AsyncEngine
 from ..config import EngineConfig
 from ..engine import LLMEngine
-from ..quota import TenantQuota
-from .adapter_service import AdapterService, AdapterSpec, restore_adapters
+from .adapter_service import AdapterService, restore_adapters
+from .config import ServerConfig
 from .errors import ErrorInterceptor, request_limits
 from .metrics import ServerMetrics
 from .registry import AdapterRegistry
 from .service import GenerationService, ServingState, model_info
-from .tenants import ApiKeys
 
 logger = logging.getLogger(__name__)
 
@@ -38,55 +36,6 @@ SERVICE_NAMES = tuple(
     pb.DESCRIPTOR.services_by_name[n].full_name for n in ("GenerationService", "AdapterService")
 )
 EngineFactory = Callable[[EngineConfig], LLMEngine]
-
-
-@dataclass(slots=True)
-class ServerConfig:
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    host: str = "127.0.0.1"
-    """Address to listen on; '0.0.0.0' or '[::]' to accept other machines."""
-    port: int = 50051
-    """gRPC port; 0 picks a free one (see :attr:`PrefixServer.port`)."""
-    api_keys: ApiKeys = field(default_factory=ApiKeys)
-    """Empty: an open server (no authentication, every adapter public)."""
-    registry_dir: str | Path | None = None
-    """Where loaded adapters are kept across restarts; None = a temporary directory."""
-    adapters: list[AdapterSpec] = field(default_factory=list)
-    """Adapters to load at startup (not recorded in the registry)."""
-    tls_cert: str | None = None
-    """PEM certificate chain; with ``tls_key`` the server speaks TLS only."""
-    tls_key: str | None = None
-    metrics_port: int | None = None
-    """Prometheus ``/metrics`` HTTP port; None = off, 0 = a free port."""
-    metrics_host: str | None = None
-    """Address of ``/metrics`` (it has no authentication); None = the same as ``host``."""
-    max_waiting: int | None = 256
-    """Requests that may wait for the engine; more answer RESOURCE_EXHAUSTED."""
-    max_upload_bytes: int = 64 * 2**20
-    """Largest adapter upload (LoadAdapter files or text)."""
-    max_request_bytes: int = 2**20
-    """Largest Generate, GenerateStream or Tokenize request; larger ones answer
-    RESOURCE_EXHAUSTED before they are parsed."""
-    quota: TenantQuota = field(default_factory=TenantQuota)
-    """What one tenant may hold: adapters, adapter bytes, waiting requests."""
-    shutdown_grace: float = 10.0
-    """Seconds in-flight requests get to finish on shutdown before they are aborted."""
-
-    def __post_init__(self) -> None:
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError("TLS needs both a certificate and a key (--tls-cert and --tls-key)")
-        if self.max_waiting is not None and self.max_waiting < 0:
-            raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
-        if self.max_upload_bytes < 1:
-            raise ValueError(f"max_upload_bytes must be >= 1, got {self.max_upload_bytes}")
-        if self.max_request_bytes < 1:
-            raise ValueError(f"max_request_bytes must be >= 1, got {self.max_request_bytes}")
-
-    @property
-    def metrics_bind_host(self) -> str:
-        """Where ``/metrics`` listens: ``metrics_host``, else the gRPC server's own host."""
-        host = self.host if self.metrics_host is None else self.metrics_host
-        return host.strip("[]")  # '[::]' is gRPC's spelling; HTTP servers take '::'
 
 
 class PrefixServer:

@@ -169,7 +169,7 @@ def run_demo(
     )
     # A dozen short answers: compiling (minutes on a small CPU) would cost more than it saves.
     engine = EngineConfig.from_kwargs(model=model, dtype=dtype, enforce_eager=not compiled)
-    config = ServerConfig(engine, port=0, api_keys=api_keys)
+    config = ServerConfig(engine, port=0, api_keys=api_keys, registry_dir=None)  # nothing kept
     _say(
         "prefixserve demo: starting a gRPC server on a free local port and loading the model "
         "(the embedded SmolLM2-135M-Instruct unless --model)..."

@@ -25,9 +25,9 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..text import shorten
+from ..text import check_name, shorten
 from .errors import AlreadyExistsError, NotFoundError
-from .tenants import Tenant, check_name
+from .tenants import Tenant
 
 logger = logging.getLogger(__name__)
 

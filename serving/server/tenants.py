@@ -10,17 +10,16 @@ the admin tenant ``anonymous`` and what it loads is public.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..text import shorten
+from ..config import env_api_keys
+from ..text import check_name
 from .errors import UnauthenticatedError
 
 ENV_VAR = "PREFIXSERVE_API_KEYS"
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 """Tenant and adapter names: safe as directory names, never containing '/'."""
 
 
@@ -31,15 +30,6 @@ class Tenant:
 
 
 ANONYMOUS = Tenant("anonymous", admin=True)
-
-
-def check_name(what: str, name: str) -> str:
-    if not NAME_PATTERN.fullmatch(name):
-        raise ValueError(
-            f"{what} {shorten(name)} is not valid: use 1-64 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
-        )
-    return name
 
 
 def _digest(key: str) -> bytes:
@@ -96,7 +86,7 @@ class ApiKeys:
         if path is not None:
             text += Path(path).read_text() + "\n"
             sources.append(str(path))
-        env = (os.environ if environ is None else environ).get(ENV_VAR, "")
+        env = env_api_keys(environ)
         if env.strip():
             text += env
             sources.append(f"${ENV_VAR}")

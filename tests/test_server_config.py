@@ -1,0 +1,65 @@
+"""``prefixserve serve``'s server flags come from ServerConfig: the same defaults, units and
+names, written once."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+import pytest
+
+from prefixserve.cli import build_parser
+from prefixserve.config import EngineConfig
+from prefixserve.quota import TenantQuota
+from prefixserve.server.config import AdapterSpec, ServerConfig, server_config, server_options
+
+
+def parsed(*flags: str) -> ServerConfig:
+    args = build_parser().parse_args(["serve", *flags])
+    return server_config({o.dest: getattr(args, o.dest) for o in server_options()}, EngineConfig())
+
+
+def test_no_flags_give_the_config_defaults(monkeypatch, tmp_path):
+    monkeypatch.setenv("PREFIXSERVE_CACHE", str(tmp_path))
+    monkeypatch.delenv("PREFIXSERVE_API_KEYS", raising=False)
+    got, want = parsed(), ServerConfig()
+    for f in fields(ServerConfig):
+        if f.name != "api_keys":
+            assert getattr(got, f.name) == getattr(want, f.name), f.name
+    assert got.api_keys.open and want.api_keys.open
+    assert got.registry_dir == tmp_path / "registry"  # one default, the persistent registry
+
+
+def test_every_field_has_a_flag():
+    dests = {(o.section, o.field) for o in server_options()}
+    for f in fields(ServerConfig):
+        if f.name not in ("engine", "quota"):
+            assert (None, f.name) in dests, f.name
+    for f in fields(TenantQuota):
+        assert ("quota", f.name) in dests, f.name
+
+
+def test_flags_set_fields_in_their_units(tmp_path):
+    keys = tmp_path / "keys.txt"
+    keys.write_text("acme sk-acme-123456\n")
+    config = parsed(
+        "--port", "0", "--max-upload-mb", "1.5", "--max-request-kb", "8",
+        "--max-adapter-mb-per-tenant", "2", "--max-waiting-per-tenant", "none",
+        "--max-waiting", "none", "--registry-dir", "none", "--api-keys", str(keys),
+        "--adapter", "acme/pirate=examples/adapters/pirate", "--adapter", "shout=x",
+    )  # fmt: skip
+    assert config.port == 0 and config.max_waiting is None and config.registry_dir is None
+    assert config.max_upload_bytes == int(1.5 * 2**20) and config.max_request_bytes == 8192
+    assert config.quota == TenantQuota(max_adapter_bytes=2 * 2**20, max_waiting=None)
+    assert set(config.api_keys.tenants) == {"acme"}
+    assert config.adapters == [
+        AdapterSpec("pirate", "examples/adapters/pirate", "acme"),
+        AdapterSpec("shout", "x"),
+    ]
+
+
+def test_bad_values_name_the_flag(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--max-upload-mb", "lots"])
+    assert "--max-upload-mb" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="NAME=PATH"):
+        parsed("--adapter", "no-equals-sign")
