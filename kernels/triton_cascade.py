@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import LOG2E, attend_paged_tile, block_d, dot_precision, upcast_flag
+from .triton_common import LOG2E, attend_paged_keys, block_d, dot_precision, upcast_flag
 from .triton_decode import launch_decode, merge_partials, store_partial
 from .triton_plan import StepPlan
 
@@ -66,7 +66,6 @@ def _group_prefix_kernel(
     prefix = tl.load(tile_prefix_ptr + w)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
     member = begin + offs_m // GQA
     row_valid = member < end
     d_valid = offs_d < HEAD_DIM
@@ -89,31 +88,11 @@ def _group_prefix_kernel(
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start in range(lo, hi, BLOCK_N):
-        pos = start + offs_n
-        valid = pos < hi
-        m_i, l_i, acc = attend_paged_tile(
-            q,
-            m_i,
-            l_i,
-            acc,
-            k_cache_ptr,
-            v_cache_ptr,
-            table,
-            pos,
-            valid,
-            valid[None, :],
-            kvh,
-            offs_d,
-            d_valid,
-            stride_cb,
-            stride_cs,
-            stride_ch,
-            qk_scale,
-            PAGE,
-            UPCAST,
-            PREC,
-        )
+    cache = (k_cache_ptr, v_cache_ptr, stride_cb, stride_cs, stride_ch)
+    m_i, l_i, acc = attend_paged_keys(
+        q, m_i, l_i, acc, cache, table, lo, hi, 0, kvh,
+        offs_d, d_valid, qk_scale, False, BLOCK_N, PAGE, UPCAST, PREC,
+    )  # fmt: skip
 
     row = (req * stride_wb + head * stride_wh + split).to(tl.int64)
     store_partial(

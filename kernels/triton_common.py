@@ -118,47 +118,58 @@ def check_index(name: str, x: torch.Tensor, dtype: torch.dtype, device: torch.de
 
 
 @triton.jit
-def attend_paged_tile(
+def attend_paged_keys(
     q,
     m_i,
     l_i,
     acc,
-    k_cache_ptr,
-    v_cache_ptr,
+    cache,
     table_ptr,
-    pos,
-    pos_valid,
-    visible,
+    lo,
+    hi,
+    query_pos,
     kv_head,
     offs_d,
     d_valid,
-    stride_block,
-    stride_slot,
-    stride_head,
     qk_scale,
+    CAUSAL: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr,
     UPCAST: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """One flash-attention update of ``(m_i [M], l_i [M], acc [M, BLOCK_D])`` for queries
-    ``q [M, BLOCK_D]`` with the keys/values of one kv head at logical positions ``pos [BLOCK_N]``
-    of the block table at ``table_ptr`` (``pos_valid [BLOCK_N]``: in range). ``visible [M or 1,
-    BLOCK_N]`` masks scores and must imply ``pos_valid``. ``m_i`` starts at a large negative
-    finite value, so a fully masked row never produces NaN (its ``l_i`` stays 0)."""
-    page = tl.load(table_ptr + pos // PAGE, mask=pos_valid, other=0).to(tl.int64)
-    row = page * stride_block + (pos % PAGE) * stride_slot + kv_head * stride_head
-    ptrs = row[:, None] + offs_d[None, :]
-    mask = pos_valid[:, None] & d_valid[None, :]
-    k = tl.load(k_cache_ptr + ptrs, mask=mask, other=0.0)
-    v = tl.load(v_cache_ptr + ptrs, mask=mask, other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
-    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-    s = tl.where(visible, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-    return m_new, l_i, acc
+    """Flash-attention updates of ``(m_i [M], l_i [M], acc [M, BLOCK_D])`` for queries
+    ``q [M, BLOCK_D]`` over the keys/values of one kv head at logical positions ``[lo, hi)`` of
+    the block table at ``table_ptr``, ``BLOCK_N`` keys at a time. ``cache`` is
+    ``(k_cache_ptr, v_cache_ptr, stride_block, stride_slot, stride_head)`` of the paged pool.
+    With ``CAUSAL``, row ``r`` sees position ``j`` only if ``j <= query_pos[r]`` (``query_pos
+    [M]``: each row's own index); without, every position (``query_pos`` is not read).
+    ``m_i`` starts at a large negative finite value, so a row that sees no key never produces
+    NaN (its ``l_i`` stays 0)."""
+    k_cache_ptr, v_cache_ptr, stride_block, stride_slot, stride_head = cache
+    offs_n = tl.arange(0, BLOCK_N)
+    for start in range(lo, hi, BLOCK_N):
+        pos = start + offs_n
+        pos_valid = pos < hi
+        if CAUSAL:
+            visible = pos_valid[None, :] & (pos[None, :] <= query_pos[:, None])
+        else:
+            visible = pos_valid[None, :]
+        page = tl.load(table_ptr + pos // PAGE, mask=pos_valid, other=0).to(tl.int64)
+        row = page * stride_block + (pos % PAGE) * stride_slot + kv_head * stride_head
+        ptrs = row[:, None] + offs_d[None, :]
+        mask = pos_valid[:, None] & d_valid[None, :]
+        k = tl.load(k_cache_ptr + ptrs, mask=mask, other=0.0)
+        v = tl.load(v_cache_ptr + ptrs, mask=mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+    return m_i, l_i, acc

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import LOG2E, attend_paged_tile, block_d, dot_precision, upcast_flag
+from .triton_common import LOG2E, attend_paged_keys, block_d, dot_precision, upcast_flag
 from .triton_plan import StepPlan, decode_tiles
 
 # Scalars that change from step to step (see triton_common: no value specialization).
@@ -72,7 +72,6 @@ def _decode_kernel(
     split = tl.program_id(2)
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
     head = kvh * GQA + offs_h
     h_valid = offs_h < GQA
     d_valid = offs_d < HEAD_DIM
@@ -96,62 +95,20 @@ def _decode_kernel(
     m_i = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    cache = (k_cache_ptr, v_cache_ptr, stride_cb, stride_cs, stride_ch)
     if WITH_PREFIX:  # stage 1: prefix keys [lo, min(hi, P))
         table = prefix_tables_ptr + tl.maximum(prefix, 0).to(tl.int64) * stride_pt
-        pre_hi = tl.minimum(hi, pre_len)
-        for start in range(lo, pre_hi, BLOCK_N):
-            pos = start + offs_n
-            valid = pos < pre_hi
-            m_i, l_i, acc = attend_paged_tile(
-                q,
-                m_i,
-                l_i,
-                acc,
-                k_cache_ptr,
-                v_cache_ptr,
-                table,
-                pos,
-                valid,
-                valid[None, :],
-                kvh,
-                offs_d,
-                d_valid,
-                stride_cb,
-                stride_cs,
-                stride_ch,
-                qk_scale,
-                PAGE,
-                UPCAST,
-                PREC,
-            )
+        m_i, l_i, acc = attend_paged_keys(
+            q, m_i, l_i, acc, cache, table, lo, tl.minimum(hi, pre_len), 0, kvh,
+            offs_d, d_valid, qk_scale, False, BLOCK_N, PAGE, UPCAST, PREC,
+        )  # fmt: skip
     # stage 2: own keys, own positions [max(lo, P) - P, hi - P); all visible to the last token
     table = block_tables_ptr + b.to(tl.int64) * stride_bt
-    own_hi = hi - pre_len
-    for start in range(tl.maximum(lo, pre_len) - pre_len, own_hi, BLOCK_N):
-        pos = start + offs_n
-        valid = pos < own_hi
-        m_i, l_i, acc = attend_paged_tile(
-            q,
-            m_i,
-            l_i,
-            acc,
-            k_cache_ptr,
-            v_cache_ptr,
-            table,
-            pos,
-            valid,
-            valid[None, :],
-            kvh,
-            offs_d,
-            d_valid,
-            stride_cb,
-            stride_cs,
-            stride_ch,
-            qk_scale,
-            PAGE,
-            UPCAST,
-            PREC,
-        )
+    own_lo = tl.maximum(lo, pre_len) - pre_len
+    m_i, l_i, acc = attend_paged_keys(
+        q, m_i, l_i, acc, cache, table, own_lo, hi - pre_len, 0, kvh,
+        offs_d, d_valid, qk_scale, False, BLOCK_N, PAGE, UPCAST, PREC,
+    )  # fmt: skip
 
     if WRITE_PARTIAL:
         row = (b * stride_wb + head * stride_wh + split_offset + split).to(tl.int64)

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import LOG2E, attend_paged_tile, block_d, dot_precision, upcast_flag
+from .triton_common import LOG2E, attend_paged_keys, block_d, dot_precision, upcast_flag
 from .triton_plan import StepPlan
 
 
@@ -68,7 +68,6 @@ def _prefill_kernel(
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
     tok = q0 + offs_m // GQA
     head = kvh * GQA + offs_m % GQA
     row_valid = (offs_m < BLOCK_Q * GQA) & (tok < q_len)
@@ -87,62 +86,20 @@ def _prefill_kernel(
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    cache = (k_cache_ptr, v_cache_ptr, stride_cb, stride_cs, stride_ch)
     # stage 1: prefix keys, all visible
     table = prefix_tables_ptr + tl.maximum(prefix, 0).to(tl.int64) * stride_pt
-    for start in range(0, pre_len, BLOCK_N):
-        pos = start + offs_n
-        valid = pos < pre_len
-        m_i, l_i, acc = attend_paged_tile(
-            q,
-            m_i,
-            l_i,
-            acc,
-            k_cache_ptr,
-            v_cache_ptr,
-            table,
-            pos,
-            valid,
-            valid[None, :],
-            kvh,
-            offs_d,
-            d_valid,
-            stride_cb,
-            stride_cs,
-            stride_ch,
-            qk_scale,
-            PAGE,
-            UPCAST,
-            PREC,
-        )
+    m_i, l_i, acc = attend_paged_keys(
+        q, m_i, l_i, acc, cache, table, 0, pre_len, own_index, kvh,
+        offs_d, d_valid, qk_scale, False, BLOCK_N, PAGE, UPCAST, PREC,
+    )  # fmt: skip
     # stage 2: own keys up to the tile's last query, causal
     table = block_tables_ptr + b.to(tl.int64) * stride_bt
     own_hi = own_len - q_len + tl.minimum(q0 + BLOCK_Q, q_len)
-    for start in range(0, own_hi, BLOCK_N):
-        pos = start + offs_n
-        valid = pos < own_hi
-        visible = valid[None, :] & (pos[None, :] <= own_index[:, None])
-        m_i, l_i, acc = attend_paged_tile(
-            q,
-            m_i,
-            l_i,
-            acc,
-            k_cache_ptr,
-            v_cache_ptr,
-            table,
-            pos,
-            valid,
-            visible,
-            kvh,
-            offs_d,
-            d_valid,
-            stride_cb,
-            stride_cs,
-            stride_ch,
-            qk_scale,
-            PAGE,
-            UPCAST,
-            PREC,
-        )
+    m_i, l_i, acc = attend_paged_keys(
+        q, m_i, l_i, acc, cache, table, 0, own_hi, own_index, kvh,
+        offs_d, d_valid, qk_scale, True, BLOCK_N, PAGE, UPCAST, PREC,
+    )  # fmt: skip
 
     out = out_ptr + t[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
     tl.store(out, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=q_mask)

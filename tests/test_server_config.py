@@ -63,3 +63,13 @@ def test_bad_values_name_the_flag(capsys):
     assert "--max-upload-mb" in capsys.readouterr().err
     with pytest.raises(ValueError, match="NAME=PATH"):
         parsed("--adapter", "no-equals-sign")
+
+
+def test_readme_lists_every_environment_variable():
+    from pathlib import Path
+
+    from prefixserve.config import ENVIRONMENT
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    missing = [name for name in ENVIRONMENT if f"| `{name}` |" not in readme]
+    assert not missing, f"README's environment table lacks {missing}"
