@@ -20,7 +20,6 @@ one-time cost per adapter.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import tempfile
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import peft
 import torch
+from bench_common import write_report
 from bench_offline import make_prompts
 from transformers import AutoModelForCausalLM
 
@@ -166,10 +166,7 @@ def main() -> None:
         f"  mixed / PEFT grouped: {result['mixed_over_peft']:.2f}x   "
         f"mixing cost vs single adapter: {100 * result['mixing_cost']:+.1f}%"
     )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    write_report(args.out, result)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -33,10 +32,10 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import IO
 
 import torch
+from bench_common import machine_info, write_report
 from bench_offline import bench_transformers, make_prompts
 
 CONTENDERS = ("transformers", "eager", "compiled", "compiled-aten")
@@ -306,13 +305,9 @@ def main() -> None:
                 f"{'':>13} {cell(v.get('batch'), 12, 2, 'x')} {cell(v.get('one'), 10, 2, 'x')} "
                 f"{cell(v.get('ttft'), 8, 2, 'x')}"
             )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    info = {"torch": torch.__version__, "threads": threads, "machine": platform.machine()}
-    info |= {"batch": args.batch, "new_tokens": args.new_tokens, "rounds": args.repeats}
+    info = {"batch": args.batch, "new_tokens": args.new_tokens, "rounds": args.repeats}
     info |= {"workloads": args.workloads}
-    out.write_text(json.dumps({"benchmark": "compile", **info, "results": results}, indent=2))
-    print(f"wrote {out}")
+    write_report(args.out, {"benchmark": "compile", **machine_info(), **info, "results": results})
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ def decode_step_seconds(client: Client) -> float:
 
 def run(threshold: int | None, args: argparse.Namespace) -> dict:
     engine = EngineConfig.from_kwargs(dtype="float32", long_prefill_token_threshold=threshold)
-    config = ServerConfig(engine, port=0, api_keys=ApiKeys.parse(KEYS, "bench"))
+    config = ServerConfig(engine, port=0, api_keys=ApiKeys.parse(KEYS, "bench"), registry_dir=None)
     with (
         BackgroundServer(config) as server,
         Client(server.address, "acme-bench-key-1") as acme,

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_common import write_report
 
 CONTENDERS = ("transformers", "eager", "compiled", "graphs")
 SHAPES: dict[str, dict] = {
@@ -293,9 +294,7 @@ def main() -> None:
         "torch": torch.__version__,
         "args": vars(args),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-    print(f"wrote {args.out}")
+    write_report(args.out, {"meta": meta, "results": results})
 
 
 if __name__ == "__main__":

@@ -10,13 +10,11 @@ JSON with output tokens/s of each and their ratio.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import random
 import time
-from pathlib import Path
 
 import torch
+from bench_common import machine_info, write_report
 from transformers import AutoModelForCausalLM
 
 from prefixserve import LLM, SamplingParams
@@ -154,26 +152,17 @@ def main() -> None:
             f"{r['prefixserve_tok_s']:>18.1f} {r['transformers_tok_s']:>19.1f} "
             f"{r['ratio']:>6.2f}"
         )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "benchmark": "offline_throughput",
-                "model": llm.engine.model_path,
-                "dtype": args.dtype,
-                "long_share": args.long_share,
-                "device": str(llm.engine.runner.device),
-                "attention_backend": llm.engine.runner.backend.name,
-                "torch": torch.__version__,
-                "threads": torch.get_num_threads(),
-                "machine": platform.machine(),
-                "rows": rows,
-            },
-            indent=2,
-        )
-    )
-    print(f"wrote {out}")
+    report = {
+        "benchmark": "offline_throughput",
+        "model": llm.engine.model_path,
+        "dtype": args.dtype,
+        "long_share": args.long_share,
+        "device": str(llm.engine.runner.device),
+        "attention_backend": llm.engine.runner.backend.name,
+        **machine_info(),
+        "rows": rows,
+    }
+    write_report(args.out, report)
 
 
 if __name__ == "__main__":

@@ -26,12 +26,11 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import platform
 import time
 from pathlib import Path
 
 import torch
+from bench_common import machine_info, write_report
 from bench_offline import TOPICS, bench_transformers
 from transformers import AutoModelForCausalLM
 
@@ -196,25 +195,15 @@ def main() -> None:
     peer = {} if args.no_transformers else run_transformers(lengths, args)
     rows = [_row(n, engine, peer, bound) for n in lengths]
     _print_table(rows, args.backends, bool(peer))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "benchmark": "shared_prompt",
-                "requests": args.requests,
-                "new_tokens": args.new_tokens,
-                "dtype": "float32",
-                "torch": torch.__version__,
-                "threads": torch.get_num_threads(),
-                "machine": platform.machine(),
-                "processor": platform.processor(),
-                "rows": rows,
-            },
-            indent=2,
-        )
-    )
-    print(f"wrote {out}")
+    report = {
+        "benchmark": "shared_prompt",
+        "requests": args.requests,
+        "new_tokens": args.new_tokens,
+        "dtype": "float32",
+        **machine_info(processor=True),
+        "rows": rows,
+    }
+    out = write_report(args.out, report)
     _plot(rows, args.backends, bool(peer), out.with_suffix(".png"))
 
 

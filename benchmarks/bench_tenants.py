@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import tempfile
 import time
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import torch
 from bench_adapters import make_adapters, zipf_choice
+from bench_common import machine_info, write_report
 from bench_offline import make_prompts
 from bench_shared_prompt import system_prompt
 from safetensors.torch import load_file, save_file
@@ -129,24 +129,15 @@ def main() -> None:
         f"({warm_evictions} evicted)\n"
         f"  one adapter   {row['single_tok_s']:7.1f} tok/s"
     )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "benchmark": "tenants",
-                **row,
-                "requests": args.requests,
-                "new_tokens": args.new_tokens,
-                "attention_backend": llm.engine.runner.backend.name,
-                "torch": torch.__version__,
-                "threads": torch.get_num_threads(),
-                "machine": platform.machine(),
-            },
-            indent=2,
-        )
-    )
-    print(f"wrote {out}")
+    report = {
+        "benchmark": "tenants",
+        **row,
+        "requests": args.requests,
+        "new_tokens": args.new_tokens,
+        "attention_backend": llm.engine.runner.backend.name,
+        **machine_info(),
+    }
+    write_report(args.out, report)
 
 
 if __name__ == "__main__":

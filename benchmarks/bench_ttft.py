@@ -11,15 +11,13 @@ prefix is computed once when it is first used, never per request.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-import torch
 from bench_adapters import make_adapters
+from bench_common import machine_info, write_report
 
 from prefixserve import LLM, SamplingParams
 
@@ -58,25 +56,16 @@ def main() -> None:
         f"no adapter {median['none']:.1f} ms, {args.virtual_tokens}-token prompt-tuning adapter "
         f"{median['adapter']:.1f} ms ({ratio:.3f}x)"
     )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "benchmark": "ttft",
-                "prompt_tokens": len(prompt),
-                "virtual_tokens": args.virtual_tokens,
-                "attention_backend": llm.engine.runner.backend.name,
-                "median_ms": median,
-                "ratio": ratio,
-                "torch": torch.__version__,
-                "threads": torch.get_num_threads(),
-                "machine": platform.machine(),
-            },
-            indent=2,
-        )
-    )
-    print(f"wrote {out}")
+    report = {
+        "benchmark": "ttft",
+        "prompt_tokens": len(prompt),
+        "virtual_tokens": args.virtual_tokens,
+        "attention_backend": llm.engine.runner.backend.name,
+        "median_ms": median,
+        "ratio": ratio,
+        **machine_info(),
+    }
+    write_report(args.out, report)
 
 
 if __name__ == "__main__":

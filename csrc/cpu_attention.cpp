@@ -21,15 +21,6 @@
 namespace prefixserve::cpu {
 namespace {
 
-void run_kernel(c10::string_view isa, const AttentionArgs& args) {
-  check_isa("paged_prefix_attention", isa);
-#if defined(__x86_64__)
-  if (isa == "avx512") return avx512::paged_prefix_attention(args);
-  if (isa == "avx2") return avx2::paged_prefix_attention(args);
-#endif
-  baseline::paged_prefix_attention(args);
-}
-
 void check_index(const at::Tensor& t, const char* name, int64_t dim) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kInt && t.dim() == dim &&
                   t.is_contiguous(),
@@ -230,7 +221,8 @@ at::Tensor paged_prefix_attention(
   args.block_size = k_cache.size(1);
   args.max_tile_tokens = max_tile_tokens;
   args.scale = static_cast<float>(scale);
-  run_kernel(isa, args);
+  check_isa("paged_prefix_attention", isa);
+  run_isa_build(isa, PREFIXSERVE_ISA_BUILDS(paged_prefix_attention), args);
   return out;
 }
 

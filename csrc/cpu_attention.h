@@ -53,7 +53,7 @@ struct AttentionArgs {
   float scale;
 };
 
-// One build of the kernel per instruction set, chosen at run time (cpu_attention.cpp).
+// One build of the kernel per instruction set, chosen at run time (run_isa_build, cpu_isa.h).
 namespace baseline {
 void paged_prefix_attention(const AttentionArgs& args);
 }

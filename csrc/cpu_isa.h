@@ -1,5 +1,7 @@
-// The instruction sets this CPU runs, shared by the registrations of the native CPU ops: each
-// kernel file is built once per ISA (kernels/cpu_build.py) and the op picks one at call time.
+// The instruction sets this CPU runs and the choice of a kernel's build by ISA, shared by the
+// registrations of the native CPU ops: each kernel file is built once per ISA
+// (kernels/cpu_build.py), into the namespace of that ISA (baseline, avx2, avx512), and the op
+// runs the build its caller names.
 #pragma once
 
 #include <c10/util/Exception.h>
@@ -38,6 +40,33 @@ inline void check_isa(const char* op, c10::string_view isa) {
   TORCH_CHECK(std::find(supported.begin(), supported.end(), isa) != supported.end(), op,
               ": instruction set '", isa, "' is not one of this CPU's (",
               c10::Join(", ", supported), ")");
+}
+
+/// The builds of one kernel `void kernel(const Args&)`, one per ISA this library holds; list
+/// them with PREFIXSERVE_ISA_BUILDS(kernel).
+template <typename Args>
+struct IsaBuilds {
+  void (*baseline)(const Args&);
+#if defined(__x86_64__)
+  void (*avx2)(const Args&);
+  void (*avx512)(const Args&);
+#endif
+};
+
+#if defined(__x86_64__)
+#define PREFIXSERVE_ISA_BUILDS(kernel) {&baseline::kernel, &avx2::kernel, &avx512::kernel}
+#else
+#define PREFIXSERVE_ISA_BUILDS(kernel) {&baseline::kernel}
+#endif
+
+/// Runs the build of a kernel for `isa`, which the caller has checked (check_isa).
+template <typename Args>
+void run_isa_build(c10::string_view isa, const IsaBuilds<Args>& builds, const Args& args) {
+#if defined(__x86_64__)
+  if (isa == "avx512") return builds.avx512(args);
+  if (isa == "avx2") return builds.avx2(args);
+#endif
+  builds.baseline(args);
 }
 
 }  // namespace prefixserve::cpu

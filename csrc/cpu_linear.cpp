@@ -15,14 +15,6 @@
 namespace prefixserve::cpu {
 namespace {
 
-void run_kernel(c10::string_view isa, const LinearArgs& args) {
-#if defined(__x86_64__)
-  if (isa == "avx512") return avx512::panel_linear(args);
-  if (isa == "avx2") return avx2::panel_linear(args);
-#endif
-  baseline::panel_linear(args);
-}
-
 /// y [..., N] (x's leading sizes) for x [..., K].
 at::Tensor output_for(const at::Tensor& input, int64_t n) {
   std::vector<int64_t> sizes(input.sizes().begin(), input.sizes().end());
@@ -69,7 +61,7 @@ at::Tensor linear_packed(const at::Tensor& input, const at::Tensor& panels,
   args.m = m;
   args.n = out_features;
   args.k = k;
-  run_kernel(isa, args);
+  run_isa_build(isa, PREFIXSERVE_ISA_BUILDS(panel_linear), args);
   return y;
 }
 

@@ -24,7 +24,7 @@ struct LinearArgs {
   int64_t k;
 };
 
-// One build of the kernel per instruction set, chosen at run time (cpu_linear.cpp).
+// One build of the kernel per instruction set, chosen at run time (run_isa_build, cpu_isa.h).
 namespace baseline {
 void panel_linear(const LinearArgs& args);
 }

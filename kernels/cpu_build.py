@@ -5,11 +5,12 @@ op picks the best one this CPU runs at call time: nothing is tuned to the build 
 (no ``-march=native``), so a library built on an AVX-512 machine runs on an AVX2-only or a plain
 x86-64 one and vice versa.
 
-The library lands in ``<cache>/ops/<key>/`` (``$PREFIXSERVE_CACHE``, else
-``~/.cache/prefixserve``), the key hashing the sources, flags and torch version. One process
-builds under an exclusive file lock while the others wait; the build happens in a scratch
-directory renamed into place, so nobody loads a half-written library. A cached library is
-loaded without a compiler. The compiler is ``$CXX`` or ``c++`` (g++ or clang).
+The library lands in ``<cache_dir>/ops/<key>/``, ``cache_dir`` given by the caller (the engine
+passes :func:`prefixserve.config.cache_root`), the key hashing the sources, flags and torch
+version. One process builds under an exclusive file lock while the others wait; the build
+happens in a scratch directory renamed into place, so nobody loads a half-written library. A
+cached library is loaded without a compiler. The compiler is ``$CXX`` or ``c++`` (g++ or
+clang).
 """
 
 from __future__ import annotations
@@ -27,8 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ..default_model import cache_root
-from ..startup import exclusive_lock, say
+from .progress import exclusive_lock, say
 
 SOURCE_DIR = Path(__file__).resolve().parents[1] / "csrc"
 """``csrc/`` of the source tree, or ``prefixserve/csrc`` of an installed package."""
@@ -61,29 +61,29 @@ class NativeBuildError(RuntimeError):
     """The native CPU ops could not be built or loaded (the message says why)."""
 
 
-def load_cpu_ops() -> Path:
-    """Load ``torch.ops.prefixserve`` (building it first if the cache lacks it); returns the
-    library's path or raises :class:`NativeBuildError`. Success and failure are both remembered
-    for the life of the process: a failed build is not retried."""
-    outcome = _load_once()
+def load_cpu_ops(cache_dir: Path) -> Path:
+    """Load ``torch.ops.prefixserve`` (building it first into ``cache_dir`` if it lacks it);
+    returns the library's path or raises :class:`NativeBuildError`. Success and failure are both
+    remembered for the life of the process: a failed build is not retried."""
+    outcome = _load_once(cache_dir)
     if isinstance(outcome, NativeBuildError):
         raise outcome
     return outcome
 
 
 @functools.cache
-def _load_once() -> Path | NativeBuildError:
+def _load_once(cache_dir: Path) -> Path | NativeBuildError:
     try:
-        return _build_and_load()
+        return _build_and_load(cache_dir)
     except NativeBuildError as e:
         return e
 
 
-def _build_and_load() -> Path:
+def _build_and_load(cache_dir: Path) -> Path:
     if not SOURCE_DIR.is_dir():
         raise NativeBuildError(f"the native sources are missing ({SOURCE_DIR} not found)")
     isas = _isas()
-    target = cache_root() / "ops" / _cache_key(isas)
+    target = cache_dir / "ops" / _cache_key(isas)
     library = target / LIBRARY_NAME
     if not library.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,8 @@
 """The native CPU linear op (``csrc/cpu_linear*.cpp``): ``F.linear`` in fp32 on a weight packed
 once as panels.
 
-    panels = pack_weight(weight)                    # once, at load: weight [N, K]
+    load(cache_dir)                                         # once per process
+    panels = pack_weight(weight)                            # once, at load: weight [N, K]
     y = linear_packed(x, panels, bias, N, default_isa())    # x [..., K] -> y [..., N]
 
 A step that decodes a few requests, or prefills a short prompt, multiplies a handful of rows by
@@ -13,7 +14,8 @@ features, each input's weights contiguous: register tiles of rows times two pane
 outer products along K with the outputs in place, so nothing is reduced across lanes and no lane
 is a padded row, for any number of rows; threads split the panels (``csrc/cpu_linear_kernel.cpp``,
 built per ISA). It is opaque to ``torch.compile`` (a fake implementation gives its output's
-shape). ``benchmarks/kernels/bench_cpu_linear.py`` measures it against ``F.linear``.
+shape). ``default_isa`` (:mod:`prefixserve.kernels.cpu_isa`) picks the instruction set;
+``benchmarks/kernels/bench_cpu_linear.py`` measures the op against ``F.linear``.
 
 Reference: :func:`torch.nn.functional.linear`.
 """
@@ -21,20 +23,20 @@ Reference: :func:`torch.nn.functional.linear`.
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import torch
 
-from .cpu_attention import cpu_isas, default_isa
 from .cpu_build import load_cpu_ops
 
-__all__ = ["PANEL", "cpu_isas", "default_isa", "linear_packed", "load", "pack_weight"]
+__all__ = ["PANEL", "linear_packed", "load", "pack_weight"]
 
 
 @functools.cache
-def load() -> None:
-    """Build (once per machine and source version) and load the op; raises
+def load(cache_dir: Path) -> None:
+    """Build (once per machine and source version, into ``cache_dir``) and load the op; raises
     :class:`~prefixserve.kernels.cpu_build.NativeBuildError` where it cannot."""
-    load_cpu_ops()
+    load_cpu_ops(cache_dir)
     torch.library.register_fake("prefixserve::linear_packed")(_fake_linear_packed)
     torch.library.register_autograd("prefixserve::linear_packed", _no_backward)
 

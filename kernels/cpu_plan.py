@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .kv_write import KVWrite
 from .metadata import AttentionMetadata
-from .reference import KVWrite
 
 QUERY_TILE_TOKENS = 32
 """Most query tokens in one tile (times the query heads of a kv head: the tile's rows)."""
@@ -54,7 +54,7 @@ class CPUStepPlan:
     prefix_tokens: torch.Tensor
     """(TG,) int32: packed query tokens of the grouped requests, each group's together."""
     isa: str
-    """Instruction set the op runs with (one of ``cpu_isas()``)."""
+    """Instruction set the op runs with (one of :func:`~prefixserve.kernels.cpu_isa.cpu_isas`)."""
     kv_write: KVWrite
     """Where each layer writes the step's K/V (padding rows left out), resolved once."""
     stats: dict[str, int] = field(default_factory=dict)

@@ -1,6 +1,6 @@
 """Triton KV write: scatter this step's keys and values into their slots of the paged pool.
 
-Reference: :func:`prefixserve.kernels.reference.write_kv`.
+Reference: :func:`prefixserve.kernels.kv_write.write_kv`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def _write_kv_kernel(
     PAGE: tl.constexpr,
 ):
     """One program per token: copy ``key[t], value[t] [Hkv, D]`` to slot ``slot_mapping[t]``.
-    Reference: ``reference.write_kv`` (a negative slot means "padding, write nothing")."""
+    Reference: ``kv_write.write_kv`` (a negative slot means "padding, write nothing")."""
     t = tl.program_id(0)
     slot = tl.load(slot_mapping_ptr + t).to(tl.int64)
     if slot < 0:

@@ -17,7 +17,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from .compiled import attention_op
-from .kernels import reference
+from .kernels import kv_write, reference
 from .kernels.metadata import AttentionMetadata
 from .kv_cache import KVCachePool
 
@@ -103,7 +103,7 @@ class TorchBackend:
         v_cache: torch.Tensor,
         plan: reference.GatherPlan,
     ) -> None:
-        reference.write_kv(key, value, k_cache, v_cache, plan.slot_mapping)
+        kv_write.write_kv(key, value, k_cache, v_cache, plan.slot_mapping)
 
     def attend(
         self,

@@ -16,9 +16,12 @@ from typing import Any
 import torch
 
 from .attention import AttentionBackend, AttentionShape, TorchBackend
-from .kernels import cpu_attention, reference
+from .config import cache_root, env_cpu_isa
+from .kernels import cpu_attention
 from .kernels.cpu_build import NativeBuildError
+from .kernels.cpu_isa import default_isa
 from .kernels.cpu_plan import CPUStepPlan, plan_cpu_step
+from .kernels.kv_write import scatter_kv
 from .kernels.metadata import AttentionMetadata
 
 FALLBACK_COST = (
@@ -41,7 +44,8 @@ class NativeCPUBackend:
             raise ValueError(f"prefix_mode must be auto, plain or grouped, got {prefix_mode!r}")
         self.shape = shape
         self.prefix_mode = prefix_mode
-        self.isa = cpu_attention.default_isa()
+        cpu_attention.load(cache_root())
+        self.isa = default_isa(env_cpu_isa())
 
     def plan(self, meta: AttentionMetadata) -> CPUStepPlan:
         return plan_cpu_step(meta, self.isa, prefix_mode=self.prefix_mode)
@@ -54,7 +58,7 @@ class NativeCPUBackend:
         v_cache: torch.Tensor,
         plan: CPUStepPlan,
     ) -> None:
-        reference.scatter_kv(key, value, k_cache, v_cache, plan.kv_write)
+        scatter_kv(key, value, k_cache, v_cache, plan.kv_write)
 
     def attend(
         self,

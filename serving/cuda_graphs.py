@@ -32,10 +32,10 @@ import torch
 
 from .attention import StepContext
 from .kernels.metadata import AttentionMetadata
+from .kernels.progress import say
 from .kernels.triton_graph import GRAPH_MODES, GraphPlans
 from .kernels.triton_plan import StepPlan
 from .kv_cache import KVCachePool
-from .startup import say
 from .triton_backend import TritonBackend
 
 Forward = Callable[[StepContext[StepPlan], torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

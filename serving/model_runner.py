@@ -22,14 +22,14 @@ from .attention import STEP_KWARG, AttentionShape, StepContext
 from .backends import select_backend
 from .compiled import CompiledForward, cannot_compile
 from .config import EngineConfig
-from .kernels import reference
+from .kernels import kv_write
 from .kernels.metadata import AttentionMetadata
+from .kernels.progress import say
 from .kv_cache import KVCachePool, KVCacheSpec, blocks_for, size_pool
 from .native_linear import use_native_linears
 from .prefix_store import Prefix
 from .request import Request
 from .scheduler import PrefixFill, SchedulerOutput
-from .startup import say
 
 if TYPE_CHECKING:  # CUDA graphs need the triton extra: imported where they are chosen
     from .cuda_graphs import DecodeGraphs
@@ -188,7 +188,7 @@ class ModelRunner:
             slot_mapping = slot_mapping.to(self.device)
             for layer in range(kv.shape[0]):  # kv: [L, 2, n, Hkv, D]
                 k_cache, v_cache = self.kv_cache.layer(layer)
-                reference.write_kv(kv[layer, 0], kv[layer, 1], k_cache, v_cache, slot_mapping)
+                kv_write.write_kv(kv[layer, 0], kv[layer, 1], k_cache, v_cache, slot_mapping)
             return
         meta = AttentionMetadata(
             cu_q_lens=torch.tensor([0, num], dtype=torch.int32),

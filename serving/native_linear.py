@@ -28,8 +28,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .config import cache_root, env_cpu_isa
 from .kernels import cpu_linear
 from .kernels.cpu_build import NativeBuildError
+from .kernels.cpu_isa import default_isa
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +66,8 @@ def use_native_linears(model: nn.Module) -> int:
     and AVX-512; elsewhere ATen's GEMM is the better choice). Subclasses of ``nn.Linear``
     (bitsandbytes' quantized layers, adapters' wrappers) are left alone."""
     try:
-        cpu_linear.load()
-        isa = cpu_linear.default_isa()
+        cpu_linear.load(cache_root())
+        isa = default_isa(env_cpu_isa())
     except NativeBuildError as e:
         _warn_unavailable(str(e))
         return 0

@@ -16,7 +16,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from prefixserve import LLM, SamplingParams
-from prefixserve.kernels import cpu_linear
+from prefixserve.config import env_cpu_isa
+from prefixserve.kernels.cpu_isa import default_isa
 
 from hf_reference import hf_greedy
 from peft_reference import peft_greedy
@@ -57,7 +58,7 @@ def compiled_llm(references):
     llm.load_adapter("text", text=SYSTEM)
     runner = llm.engine.runner
     assert runner.compiled is not None
-    if cpu_linear.default_isa() != "baseline":  # the native linears run inside the graph
+    if default_isa(env_cpu_isa()) != "baseline":  # the native linears run inside the graph
         assert runner.native_linears == runner.model.config.num_hidden_layers * 7 + 1
         assert not runner.compiled.freezing
     return llm

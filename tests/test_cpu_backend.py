@@ -15,8 +15,9 @@ import torch
 from mixed_batch import adapters_and_references, assert_mixed_batch_equals
 
 from prefixserve import LLM, cpu_backend
-from prefixserve.attention import AttentionShape, TorchBackend, select_backend
-from prefixserve.config import EngineConfig
+from prefixserve.attention import AttentionShape, TorchBackend
+from prefixserve.backends import select_backend
+from prefixserve.config import EngineConfig, cache_root
 from prefixserve.cpu_backend import NativeCPUBackend
 from prefixserve.kernels import cpu_build
 from prefixserve.kernels.cpu_build import NativeBuildError
@@ -26,7 +27,7 @@ SHAPE = AttentionShape(num_q_heads=4, num_kv_heads=2, head_dim=8)
 
 def test_default_cpu_backend_is_the_native_op(monkeypatch):
     monkeypatch.delenv("PREFIXSERVE_ATTENTION", raising=False)
-    cpu_build.load_cpu_ops()  # this machine builds it: a failure here is a real failure
+    cpu_build.load_cpu_ops(cache_root())  # this machine builds it: a failure here is a real failure
     backend = select_backend(None, torch.device("cpu"), SHAPE)
     assert isinstance(backend, NativeCPUBackend) and backend.name == "cpu"
     assert select_backend("torch", torch.device("cpu"), SHAPE).name == "torch"
@@ -71,10 +72,9 @@ def test_unbuildable_op_falls_back_with_one_warning(monkeypatch):
     ("compiler", "message"), [("no-such-c++", "no C++ compiler"), ("false", "failed")]
 )
 def test_build_failure_says_why(compiler, message, monkeypatch, tmp_path):
-    monkeypatch.setenv("PREFIXSERVE_CACHE", str(tmp_path))
     monkeypatch.setenv("CXX", compiler)
     with pytest.raises(NativeBuildError, match=re.escape(message)):
-        cpu_build._build_and_load()
+        cpu_build._build_and_load(tmp_path)
     assert not list((tmp_path / "ops").glob("cpu-*/*.so")), "a failed build left a library"
 
 
@@ -88,12 +88,11 @@ def test_concurrent_builds_build_once(monkeypatch, tmp_path):
         target.mkdir()
         (target / cpu_build.LIBRARY_NAME).write_bytes(b"")
 
-    monkeypatch.setenv("PREFIXSERVE_CACHE", str(tmp_path))
     monkeypatch.setattr(cpu_build, "_build", fake_build)
     monkeypatch.setattr(torch.ops, "load_library", lambda path: None)
     loaded: list[Path] = []
     threads = [
-        threading.Thread(target=lambda: loaded.append(cpu_build._build_and_load()))
+        threading.Thread(target=lambda: loaded.append(cpu_build._build_and_load(tmp_path)))
         for _ in range(2)
     ]
     for t in threads:

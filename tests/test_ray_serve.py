@@ -36,11 +36,12 @@ from prefixserve.server.registry import AdapterRegistry  # noqa: E402
 
 from test_server import (  # noqa: E402
     KEYS,
-    POLITE,
     _code,
     acme,  # noqa: F401 (fixture)
     adapters,  # noqa: F401 (fixture)
     bad_input_cases,
+    load_adapters,
+    offline_llm,
     server_config,
     test_tenants_load_and_unload_their_own_adapters,  # noqa: F401 (runs here on the fleet)
 )
@@ -111,13 +112,7 @@ def server(ray_cluster, tiny_model_dir, adapters, tmp_path_factory):  # noqa: F8
     )
     config.engine.attention_backend = ATTENTION
     with BackgroundFleetServer(config, FleetConfig(replicas=2, adapter_sync_s=0.5)) as running:
-        with Client(running.address, KEYS["acme"]) as acme:
-            acme.load_adapter("pirate", upload=adapters["pirate"])
-        with Client(running.address, KEYS["globex"]) as globex:
-            globex.load_adapter("shout", upload=adapters["shout"])
-        with Client(running.address, KEYS["ops"]) as ops:
-            ops.load_adapter("json", path=str(adapters["json"]), public=True)
-            ops.load_adapter("polite", text=POLITE, public=True)
+        load_adapters(running.address, adapters)
         yield running
 
 
@@ -131,17 +126,7 @@ def channel(server) -> Iterator[grpc.Channel]:
 @pytest.fixture(scope="module")
 def offline(tiny_model_dir, adapters) -> LLM:  # noqa: F811
     """One engine in this process, configured as each replica."""
-    llm = LLM(
-        str(tiny_model_dir("llama")),
-        dtype="float32",
-        block_size=4,
-        num_kv_blocks=512,
-        attention_backend=ATTENTION,
-    )
-    for name, path in adapters.items():
-        llm.load_adapter(name, path)
-    llm.load_adapter("polite", text=POLITE)
-    return llm
+    return offline_llm(tiny_model_dir("llama"), adapters, attention_backend=ATTENTION)
 
 
 async def _run(client: AsyncClient, adapter: str | None, prompt, stream: bool, **options):

@@ -7,6 +7,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -29,6 +30,28 @@ def server_config(model_dir: Path, registry: Path | None, **kwargs) -> ServerCon
     return ServerConfig(
         engine, port=0, api_keys=ApiKeys.parse(KEYS_TEXT, "test"), registry_dir=registry, **kwargs
     )
+
+
+def load_adapters(address: str, adapters: dict[str, Path]) -> None:
+    """The server tests' four adapters, loaded over the wire: acme owns 'pirate', globex owns
+    'shout', 'json' and 'polite' (text) are public."""
+    with Client(address, KEYS["acme"]) as acme:
+        acme.load_adapter("pirate", upload=adapters["pirate"])
+    with Client(address, KEYS["globex"]) as globex:
+        globex.load_adapter("shout", upload=adapters["shout"])
+    with Client(address, KEYS["ops"]) as ops:
+        ops.load_adapter("json", path=str(adapters["json"]), public=True)
+        ops.load_adapter("polite", text=POLITE, public=True)
+
+
+def offline_llm(model_dir: Path, adapters: dict[str, Path], **options: Any) -> LLM:
+    """An engine in this process configured as the server's (plus ``options``), with the same
+    four adapters: what the server's streams must equal."""
+    llm = LLM(str(model_dir), dtype="float32", block_size=4, num_kv_blocks=512, **options)
+    for name, path in adapters.items():
+        llm.load_adapter(name, path)
+    llm.load_adapter("polite", text=POLITE)
+    return llm
 
 
 def wait_until_idle(engine, timeout: float = 10.0) -> None:
@@ -61,23 +84,13 @@ def server(tiny_model_dir, adapters, tmp_path_factory):
         tiny_model_dir("llama"), tmp_path_factory.mktemp("registry"), max_upload_bytes=2**20
     )
     with BackgroundServer(config) as running:
-        with Client(running.address, KEYS["acme"]) as acme:
-            acme.load_adapter("pirate", upload=adapters["pirate"])
-        with Client(running.address, KEYS["globex"]) as globex:
-            globex.load_adapter("shout", upload=adapters["shout"])
-        with Client(running.address, KEYS["ops"]) as ops:
-            ops.load_adapter("json", path=str(adapters["json"]), public=True)
-            ops.load_adapter("polite", text=POLITE, public=True)
+        load_adapters(running.address, adapters)
         yield running
 
 
 @pytest.fixture(scope="module")
 def offline(tiny_model_dir, adapters) -> LLM:
-    llm = LLM(str(tiny_model_dir("llama")), dtype="float32", block_size=4, num_kv_blocks=512)
-    for name, path in adapters.items():
-        llm.load_adapter(name, path)
-    llm.load_adapter("polite", text=POLITE)
-    return llm
+    return offline_llm(tiny_model_dir("llama"), adapters)
 
 
 @pytest.fixture

@@ -12,7 +12,8 @@ import torch
 from mixed_batch import adapters_and_references, assert_mixed_batch_equals
 
 from prefixserve import LLM
-from prefixserve.attention import AttentionShape, select_backend
+from prefixserve.attention import AttentionShape
+from prefixserve.backends import select_backend
 from prefixserve.triton_backend import TritonBackend
 
 pytest.importorskip("triton")

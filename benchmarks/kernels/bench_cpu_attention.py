@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,9 +26,14 @@ import torch
 import torch.nn.functional as F
 from bench_attention import Shape, build_step
 
+from prefixserve.config import cache_root, env_cpu_isa
 from prefixserve.kernels import cpu_attention
+from prefixserve.kernels.cpu_isa import default_isa
 from prefixserve.kernels.cpu_plan import plan_cpu_step
 from prefixserve.kernels.reference import build_gather_plan, paged_prefix_attention
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: bench_common
+from bench_common import machine_info, write_report
 
 DEFAULT_SHAPE = Shape(num_q_heads=9, num_kv_heads=3, head_dim=64, block_size=16)
 """SmolLM2-135M: 9 query heads, 3 kv heads, head_dim 64 (dtype set from --dtype)."""
@@ -49,7 +53,7 @@ def timer(fn: Callable[[], object], repeats: int) -> float:
 
 
 def _op(query, k_cache, v_cache, meta, mode: str):
-    plan = plan_cpu_step(meta, cpu_attention.default_isa(), prefix_mode=mode)
+    plan = plan_cpu_step(meta, default_isa(env_cpu_isa()), prefix_mode=mode)
     scale = query.shape[-1] ** -0.5
     return plan, lambda: cpu_attention.paged_prefix_attention(query, k_cache, v_cache, plan, scale)
 
@@ -153,12 +157,13 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     shape = dataclasses.replace(DEFAULT_SHAPE, dtype=dtype)
-    cpu_attention.load()
+    cpu_attention.load(cache_root())
+    isa = default_isa(env_cpu_isa())
     if args.smoke:
         decode = bench_decode((1, 3), (40,), shape, 1)
         grouped = bench_grouped(6, (1, 3), (16, 50), 9, shape, 1)
     else:
-        print(f"(a) decode, {shape}, ISA {cpu_attention.default_isa()}")
+        print(f"(a) decode, {shape}, ISA {isa}")
         decode = bench_decode((1, 4, 16, 64), (512, 2048, 8192), shape, args.repeats)
         print("(b) grouped vs plain, 64 decodes of 64 own tokens")
         groups, prefixes = (1, 2, 4, 16, 64), (16, 128, 512, 2048, 8192)
@@ -166,17 +171,12 @@ def main(argv: list[str] | None = None) -> dict:
     results = {
         "benchmark": "cpu_attention",
         "dtype": args.dtype,
-        "isa": cpu_attention.default_isa(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "machine": platform.machine(),
+        "isa": isa,
+        **machine_info(),
         "decode": decode,
         "grouped": grouped,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"wrote {out}")
+    write_report(args.out, results)
     return results
 
 

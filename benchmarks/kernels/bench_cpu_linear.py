@@ -15,9 +15,8 @@ parameters per pass); rows beyond 256 get at most 3 rounds. Prints a table and w
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +24,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from prefixserve.config import cache_root
 from prefixserve.kernels import cpu_linear
+from prefixserve.kernels.cpu_isa import cpu_isas
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: bench_common
+from bench_common import machine_info, write_report
 
 LAYER_SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576)]
 LAYER_SHAPES += [(576, 1536)]
@@ -39,7 +43,7 @@ Contender = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 def contenders() -> dict[str, Contender]:
     out: dict[str, Contender] = {"aten": lambda x, w, p: F.linear(x, w)}
-    for isa in cpu_linear.cpu_isas():
+    for isa in cpu_isas():
         if isa != "baseline":
             out[f"packed {isa}"] = lambda x, w, p, isa=isa: cpu_linear.linear_packed(
                 x, p, None, w.shape[0], isa
@@ -59,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
     layers, rounds = (2, 2) if args.smoke else (LAYERS, args.rounds)
     rows_list = [1, 2, 38] if args.smoke else args.rows
 
-    cpu_linear.load()
+    cpu_linear.load(cache_root())
     torch.manual_seed(0)
     weights = [torch.randn(n, k) * 0.02 for _ in range(layers) for n, k in LAYER_SHAPES]
     panels = [cpu_linear.pack_weight(w) for w in weights]
@@ -96,14 +100,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{rows:>5} " + " ".join(cells), flush=True)
         results.append({"rows": rows, "ms": ms, "samples_ms": samples})
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    info = {"torch": torch.__version__, "threads": torch.get_num_threads()}
-    info |= {"machine": platform.machine(), "processor": platform.processor()}
-    info |= {"isas": cpu_linear.cpu_isas(), "layers": layers, "parameters": params}
-    report = {"benchmark": "cpu_linear", **info, "results": results}
-    out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+    info = {"isas": cpu_isas(), "layers": layers, "parameters": params}
+    report = {"benchmark": "cpu_linear", **machine_info(processor=True), **info, "results": results}
+    write_report(args.out, report)
     return report
 
 

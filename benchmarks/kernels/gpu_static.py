@@ -26,7 +26,9 @@ from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
-DEFAULT_CACHE = Path(os.environ.get("PREFIXSERVE_CACHE", Path.home() / ".cache" / "prefixserve"))
+from prefixserve.config import cache_root
+
+DEFAULT_CACHE = cache_root()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from prefixserve.config import cache_root, env_cpu_isa
 from prefixserve.kernels import cpu_attention
+from prefixserve.kernels.cpu_isa import cpu_isas, default_isa
 from prefixserve.kernels.cpu_plan import GROUPED_PREFIX, READ_PREFIX, plan_cpu_step
 from prefixserve.kernels.reference import (
     naive_prefix_attention,
@@ -46,7 +48,7 @@ CASES = pairwise(
 
 @pytest.fixture(scope="module", autouse=True)
 def _native_op() -> None:
-    cpu_attention.load()  # builds once per machine (cached); the kernel tests need it
+    cpu_attention.load(cache_root())  # builds once per machine (cached); the tests need it
 
 
 def _case_id(case: dict) -> str:
@@ -54,7 +56,7 @@ def _case_id(case: dict) -> str:
 
 
 def _attend(sc, isa: str | None = None, mode: str = "auto") -> torch.Tensor:
-    plan = plan_cpu_step(sc.meta, isa or cpu_attention.default_isa(), prefix_mode=mode)
+    plan = plan_cpu_step(sc.meta, isa or default_isa(), prefix_mode=mode)
     return cpu_attention.paged_prefix_attention(sc.query, sc.k_cache, sc.v_cache, plan, sc.scale)
 
 
@@ -122,7 +124,7 @@ def test_unreadable_slots_never_reach_an_output(q_lens, own_lens, poison, mode):
 def test_every_instruction_set_of_this_cpu(monkeypatch):
     """Each ISA build (at least the baseline, and AVX2 / AVX-512 where the CPU has them) equals
     the oracle; $PREFIXSERVE_CPU_ISA forces a lower one and rejects what the CPU lacks."""
-    isas = cpu_attention.cpu_isas()
+    isas = cpu_isas()
     assert isas[-1] == "baseline"
     for kind, mode in [("decode", "grouped"), ("mixed", "plain")]:
         for dtype in (torch.float32, torch.bfloat16):
@@ -139,11 +141,11 @@ def test_every_instruction_set_of_this_cpu(monkeypatch):
             )
             for isa in isas:
                 assert_matches_oracle(_attend(sc, isa, mode), sc)
-    monkeypatch.setenv(cpu_attention.ISA_ENV, "baseline")
-    assert cpu_attention.default_isa() == "baseline"
-    monkeypatch.setenv(cpu_attention.ISA_ENV, "avx1024")
-    with pytest.raises(ValueError, match="avx1024"):
-        cpu_attention.default_isa()
+    assert default_isa("baseline") == "baseline"
+    with pytest.raises(ValueError, match="PREFIXSERVE_CPU_ISA='avx1024'"):
+        default_isa("avx1024")
+    monkeypatch.setenv("PREFIXSERVE_CPU_ISA", "baseline")
+    assert default_isa(env_cpu_isa()) == "baseline"
 
 
 def _peak_rss_growth(fn) -> int:
@@ -209,7 +211,7 @@ def test_one_plan_serves_every_layer():
     sc = random_step(
         "decode", 6, [130], "identical", num_q_heads=8, num_kv_heads=2, head_dim=32, block_size=16
     )
-    plan = plan_cpu_step(sc.meta, cpu_attention.default_isa(), prefix_mode="grouped")
+    plan = plan_cpu_step(sc.meta, default_isa(), prefix_mode="grouped")
     for _ in range(2):
         out = cpu_attention.paged_prefix_attention(sc.query, sc.k_cache, sc.v_cache, plan, sc.scale)
         assert_matches_oracle(out, sc)
@@ -259,7 +261,7 @@ def test_op_is_opaque_to_torch_compile():
     sc = random_step(
         "mixed", 3, [9], "identical", num_q_heads=4, num_kv_heads=2, head_dim=16, block_size=4
     )
-    plan = plan_cpu_step(sc.meta, cpu_attention.default_isa(), prefix_mode="grouped")
+    plan = plan_cpu_step(sc.meta, default_isa(), prefix_mode="grouped")
     meta = plan.meta
     args = (
         sc.query,

@@ -14,19 +14,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prefixserve.config import cache_root, env_cpu_isa
 from prefixserve.kernels import cpu_linear
+from prefixserve.kernels.cpu_isa import cpu_isas, default_isa
 from prefixserve.native_linear import PackedLinear, use_native_linears
+
+cpu_linear.load(cache_root())  # builds once per machine (cached); cpu_isas() below needs it
 
 ROWS = [1, 2, 3, 4, 5, 7, 8, 11, 12, 13, 15, 23, 38, 64, 241, 500]
 """One row, the tiles' row tails (12 x 2 panels on AVX-512: 8, 4, 2, 1 after; 3 x 2 on AVX2),
 one and two row chunks per task (240 rows on AVX-512, 60 on AVX2), and more."""
 SHAPES = [(576, 576), (1, 8), (5, 1), (17, 9), (48, 37), (200, 1537)]  # (N, K)
 """Whole pairs of panels, a panel cut short, an odd panel out (48 = 3 panels), K = 1."""
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _native_op() -> None:
-    cpu_linear.load()
 
 
 def _expected(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -40,7 +39,7 @@ def _assert_close(y: torch.Tensor, want: torch.Tensor, k: int) -> None:
     torch.testing.assert_close(y.double(), want, rtol=0, atol=1e-5 * max(k, 16) ** 0.5)
 
 
-@pytest.mark.parametrize("isa", cpu_linear.cpu_isas())
+@pytest.mark.parametrize("isa", cpu_isas())
 @pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("n,k", SHAPES)
 def test_matches_float64(isa: str, rows: int, n: int, k: int) -> None:
@@ -52,7 +51,7 @@ def test_matches_float64(isa: str, rows: int, n: int, k: int) -> None:
         _assert_close(y, _expected(x, w, bias), k)
 
 
-@pytest.mark.parametrize("isa", cpu_linear.cpu_isas())
+@pytest.mark.parametrize("isa", cpu_isas())
 def test_strided_rows_leading_dims_and_empty(isa: str) -> None:
     w, b = torch.randn(33, 40), torch.randn(33)
     panels = cpu_linear.pack_weight(w)
@@ -80,7 +79,7 @@ def test_strided_rows_leading_dims_and_empty(isa: str) -> None:
 
 
 def test_bad_inputs_raise_clear_errors() -> None:
-    isa = cpu_linear.default_isa()
+    isa = default_isa()
     panels = cpu_linear.pack_weight(torch.randn(20, 8))  # 2 panels
     x = torch.randn(2, 8)
     with pytest.raises(RuntimeError, match="are not those of 40 output features"):
@@ -101,7 +100,7 @@ def test_bad_inputs_raise_clear_errors() -> None:
 
 def test_op_is_opaque_to_torch_compile() -> None:
     x, w, b = torch.randn(3, 24), torch.randn(10, 24), torch.randn(10)
-    panels, isa = cpu_linear.pack_weight(w), cpu_linear.default_isa()
+    panels, isa = cpu_linear.pack_weight(w), default_isa()
     torch.library.opcheck(
         torch.ops.prefixserve.linear_packed.default,
         (x, panels, b, 10, isa),
@@ -144,7 +143,7 @@ def test_model_linears_swap_in_place() -> None:
         up_weight = model["up"].weight.detach().clone()
         params = {name: p for name, p in model.named_parameters()}
         swapped = use_native_linears(model)
-        if cpu_linear.default_isa() == "baseline":
+        if default_isa(env_cpu_isa()) == "baseline":
             assert swapped == 0
             return
         assert swapped == 3
@@ -185,7 +184,7 @@ def test_packing_gives_back_the_checkpoint_pages(tmp_path) -> None:
     computes what it did."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    if cpu_linear.default_isa() == "baseline":
+    if default_isa(env_cpu_isa()) == "baseline":
         pytest.skip("no vectorized ISA: linears stay ATen's")
     config = LlamaConfig(
         vocab_size=64,
@@ -239,7 +238,7 @@ def test_op_has_no_backward() -> None:
     x = torch.randn(3, 8, requires_grad=True)
     panels = cpu_linear.pack_weight(torch.randn(4, 8, requires_grad=True))
     assert not panels.requires_grad
-    y = cpu_linear.linear_packed(x, panels, None, 4, cpu_linear.default_isa())
+    y = cpu_linear.linear_packed(x, panels, None, 4, default_isa())
     with pytest.raises(RuntimeError, match="has no backward"):
         y.sum().backward()
 
@@ -247,7 +246,7 @@ def test_op_has_no_backward() -> None:
 def test_without_the_op_linears_stay_aten_and_it_says_why_once(monkeypatch, caplog) -> None:
     from prefixserve.kernels.cpu_build import NativeBuildError
 
-    def unavailable() -> None:
+    def unavailable(cache_dir: Path) -> None:
         raise NativeBuildError("no C++ compiler (test)")
 
     monkeypatch.setattr(cpu_linear, "load", unavailable)

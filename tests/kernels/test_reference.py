@@ -1,13 +1,11 @@
-"""The vectorized PyTorch reference (the CPU path) against the plain per-request loop."""
+"""The vectorized PyTorch reference (the torch backend) against the plain per-request loop."""
 
 import pytest
 import torch
 
 from prefixserve.kernels.reference import (
-    KVWrite,
     naive_prefix_attention,
     paged_prefix_attention_from_metadata,
-    write_kv,
 )
 
 from scenarios import adapter_mix, make_scenario, poison_unreadable
@@ -64,18 +62,3 @@ def test_unreadable_slots_never_reach_an_output(case, poison):
     poison_unreadable(sc, poison)
     got = paged_prefix_attention_from_metadata(sc.query, sc.k_cache, sc.v_cache, sc.meta, sc.scale)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-
-
-def test_padded_slots_write_nothing():
-    """The one contract of every backend's KV write: a slot of -1 is padding."""
-    k_cache, v_cache = torch.zeros(3, 4, 2, 8), torch.zeros(3, 4, 2, 8)
-    key, value = torch.randn(3, 2, 8), torch.randn(3, 2, 8)
-    write_kv(key, value, k_cache, v_cache, torch.tensor([5, -1, 0]))
-    torch.testing.assert_close(k_cache.view(-1, 2, 8)[[5, 0]], key[[0, 2]])
-    torch.testing.assert_close(v_cache.view(-1, 2, 8)[[5, 0]], value[[0, 2]])
-    assert int((k_cache != 0).any(-1).any(-1).sum()) == 2  # nothing else was written
-    # The native backend resolves this once per step in its plan (KVWrite), then scatters.
-    write = KVWrite.of(torch.tensor([5, -1, 0]))
-    assert write.rows is not None and write.rows.tolist() == [0, 2]
-    assert write.slots.tolist() == [5, 0]
-    assert KVWrite.of(torch.tensor([5, 1, 0])).rows is None

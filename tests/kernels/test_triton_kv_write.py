@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from prefixserve.kernels import reference
+from prefixserve.kernels import kv_write
 from prefixserve.kernels.triton_kv_write import write_kv
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -30,7 +30,7 @@ def test_write_kv_matches_reference(device, dtype, hkv, d, block_size, tokens):
     key = torch.randn(tokens, hkv, d).to(dtype).to(device)
     value = torch.randn(tokens, hkv, d).to(dtype).to(device)
     want_k, want_v = k_cache.clone(), v_cache.clone()
-    reference.write_kv(key, value, want_k, want_v, slots)
+    kv_write.write_kv(key, value, want_k, want_v, slots)
     write_kv(key, value, k_cache, v_cache, slots)
     assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
 
@@ -42,7 +42,7 @@ def test_write_kv_skips_negative_slots_and_strided_input(device):
     slots = torch.tensor([3, -1, 17, 40, -1, 63], device=device)
     want_k, want_v = k_cache.clone(), v_cache.clone()
     keep = slots >= 0
-    reference.write_kv(key[keep], value[keep], want_k, want_v, slots[keep])
+    kv_write.write_kv(key[keep], value[keep], want_k, want_v, slots[keep])
     write_kv(key, value, k_cache, v_cache, slots)
     assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
 

@@ -1,6 +1,10 @@
-"""Long start-up work (preparing the default model, building the native op, compiling the
-forward): progress on stderr whether or not logging is configured, and one process at a time
-per machine through an exclusive file lock."""
+"""Long one-time work (building the native ops here; preparing the default model, compiling the
+forward and capturing CUDA graphs in the engine): progress on stderr whether or not logging is
+configured, and one process at a time per machine through an exclusive file lock.
+
+It lives in ``kernels/`` so that the native build can use it without importing the engine
+package above; the engine imports it from here too.
+"""
 
 from __future__ import annotations
 
