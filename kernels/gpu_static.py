@@ -151,6 +151,25 @@ def _compile(launch: Launch, limits: GpuLimits) -> tuple[Any, str]:
     return compiled, log.getvalue()
 
 
+def _ptxas_log(ptx: str, capability: int) -> str:
+    """``ptxas -v`` of ``ptx`` for ``capability``, with the ptxas Triton itself compiles with."""
+    import subprocess
+
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    with tempfile.TemporaryDirectory(prefix="prefixserve-ptxas-") as scratch:
+        source = Path(scratch) / "kernel.ptx"
+        source.write_text(ptx)
+        command = [
+            get_ptxas(capability).path,
+            "-v",
+            f"--gpu-name={sm_arch_from_capability(capability)}",
+        ]
+        command += [str(source), "-o", str(Path(scratch) / "kernel.cubin")]
+        done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return done.stdout + done.stderr
+
+
 def check_launch(launch: Launch, target: str) -> StaticRow:
     """Compile one variant for ``target`` (a key of :data:`TARGETS`) and measure it."""
     limits = TARGETS[target]
@@ -172,6 +191,8 @@ def check_launch(launch: Launch, target: str) -> StaticRow:
     start = time.perf_counter()
     try:
         compiled, log = _compile(launch, limits)
+        if not _PTXAS_USED.search(log):  # a Triton that does not print ptxas' log: run it
+            log = _ptxas_log(compiled.asm["ptx"], limits.capability)
         row.registers, row.stack_bytes, row.spills = parse_ptxas(log)
     except Exception as exc:  # a compile error is a finding, reported in the row
         row.error = f"{type(exc).__name__}: {exc}".strip()[:2000]
