@@ -23,11 +23,15 @@ from .cpu_plan import CPUStepPlan, plan_cpu_step
 __all__ = ["CPUStepPlan", "load", "paged_prefix_attention", "plan_cpu_step"]
 
 
-@functools.cache
 def load(cache_dir: Path) -> None:
     """Build (once per machine and source version, into ``cache_dir``) and load the op; raises
     :class:`~prefixserve.kernels.cpu_build.NativeBuildError` where it cannot."""
     load_cpu_ops(cache_dir)
+    _register_fake()
+
+
+@functools.cache
+def _register_fake() -> None:
     torch.library.register_fake("prefixserve::paged_prefix_attention")(_fake_attention)
 
 

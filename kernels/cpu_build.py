@@ -16,13 +16,13 @@ clang).
 from __future__ import annotations
 
 import concurrent.futures
-import functools
 import hashlib
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -63,20 +63,23 @@ class NativeBuildError(RuntimeError):
 
 def load_cpu_ops(cache_dir: Path) -> Path:
     """Load ``torch.ops.prefixserve`` (building it first into ``cache_dir`` if it lacks it);
-    returns the library's path or raises :class:`NativeBuildError`. Success and failure are both
-    remembered for the life of the process: a failed build is not retried."""
-    outcome = _load_once(cache_dir)
-    if isinstance(outcome, NativeBuildError):
-        raise outcome
-    return outcome
+    returns the library's path or raises :class:`NativeBuildError`. A process loads one library:
+    the first call's outcome, success or failure, is every later call's, whatever its
+    ``cache_dir`` (a second library would register the same ops again)."""
+    global _outcome
+    with _outcome_lock:
+        if _outcome is None:
+            try:
+                _outcome = _build_and_load(cache_dir)
+            except NativeBuildError as e:
+                _outcome = e
+    if isinstance(_outcome, NativeBuildError):
+        raise _outcome
+    return _outcome
 
 
-@functools.cache
-def _load_once(cache_dir: Path) -> Path | NativeBuildError:
-    try:
-        return _build_and_load(cache_dir)
-    except NativeBuildError as e:
-        return e
+_outcome: Path | NativeBuildError | None = None
+_outcome_lock = threading.Lock()
 
 
 def _build_and_load(cache_dir: Path) -> Path:

@@ -32,11 +32,15 @@ from .cpu_build import load_cpu_ops
 __all__ = ["PANEL", "linear_packed", "load", "pack_weight"]
 
 
-@functools.cache
 def load(cache_dir: Path) -> None:
     """Build (once per machine and source version, into ``cache_dir``) and load the op; raises
     :class:`~prefixserve.kernels.cpu_build.NativeBuildError` where it cannot."""
     load_cpu_ops(cache_dir)
+    _register_fake()
+
+
+@functools.cache
+def _register_fake() -> None:
     torch.library.register_fake("prefixserve::linear_packed")(_fake_linear_packed)
     torch.library.register_autograd("prefixserve::linear_packed", _no_backward)
 

@@ -151,20 +151,24 @@ def _compile(launch: Launch, limits: GpuLimits) -> tuple[Any, str]:
     return compiled, log.getvalue()
 
 
-def _ptxas_log(ptx: str, capability: int) -> str:
-    """``ptxas -v`` of ``ptx`` for ``capability``, with the ptxas Triton itself compiles with."""
+def _ptxas_log(ptx: str, capability: int, fp_fusion: bool) -> str:
+    """``ptxas -v`` of ``ptx`` for ``capability``, with the ptxas (and the fused multiply-add
+    setting) Triton compiles with; Triton's own register-allocation flags may differ by
+    release."""
     import subprocess
 
     from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 
+    try:
+        ptxas = get_ptxas(capability).path
+    except TypeError:  # Triton 3.4 has one ptxas for every target
+        ptxas = get_ptxas().path
     with tempfile.TemporaryDirectory(prefix="prefixserve-ptxas-") as scratch:
         source = Path(scratch) / "kernel.ptx"
         source.write_text(ptx)
-        command = [
-            get_ptxas(capability).path,
-            "-v",
-            f"--gpu-name={sm_arch_from_capability(capability)}",
-        ]
+        command = [ptxas, "-v", f"--gpu-name={sm_arch_from_capability(capability)}"]
+        if not fp_fusion:
+            command.append("--fmad=false")
         command += [str(source), "-o", str(Path(scratch) / "kernel.cubin")]
         done = subprocess.run(command, capture_output=True, text=True, check=True)
     return done.stdout + done.stderr
@@ -192,7 +196,8 @@ def check_launch(launch: Launch, target: str) -> StaticRow:
     try:
         compiled, log = _compile(launch, limits)
         if not _PTXAS_USED.search(log):  # a Triton that does not print ptxas' log: run it
-            log = _ptxas_log(compiled.asm["ptx"], limits.capability)
+            fusion = getattr(compiled.metadata, "enable_fp_fusion", True)
+            log = _ptxas_log(compiled.asm["ptx"], limits.capability, fusion)
         row.registers, row.stack_bytes, row.spills = parse_ptxas(log)
     except Exception as exc:  # a compile error is a finding, reported in the row
         row.error = f"{type(exc).__name__}: {exc}".strip()[:2000]

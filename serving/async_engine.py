@@ -243,9 +243,14 @@ class AsyncEngine:
                     future.set_exception(EngineDeadError(self._dead_reason()))
             elif future.set_running_or_notify_cancel():
                 try:
-                    future.set_result(fn())
+                    result = fn()
                 except Exception as e:
                     future.set_exception(e)
+                else:
+                    # Published before the caller resumes: whoever awaited a command (an add,
+                    # say) reads a snapshot that includes it.
+                    self._stats = self.engine.stats()
+                    future.set_result(result)
             try:
                 fn, future = self._commands.get_nowait()
             except queue.Empty:

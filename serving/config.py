@@ -33,6 +33,7 @@ ENVIRONMENT: dict[str, str] = {
     "PREFIXSERVE_API_KEY": "the key the client and the prefixserve CLI send",
     "PREFIXSERVE_SERVER": "the server address the prefixserve CLI talks to",
     "TRITON_INTERPRET": "1 runs the Triton kernels under Triton's CPU interpreter (tests only)",
+    "CXX": "the C++ compiler that builds the native CPU ops (default c++)",
 }
 """Every environment variable prefixserve reads, and what it does (listed in the README)."""
 

@@ -12,7 +12,7 @@ EXTRAS: dict[str, str] = {
     "triton": "triton",
     "quant": "bitsandbytes",
     "peft": "peft",
-    "ray": "ray",
+    "ray": "ray.serve",
 }
 """Extra name -> the module it installs."""
 

@@ -104,10 +104,15 @@ class ModelRunner:
             else:
                 logger.warning("prefixserve: running the model eagerly: %s", reason)
         limit = min(config.max_cuda_graph_batch, config.scheduler.max_num_seqs)
-        if self.device.type == "cuda" and not config.eager and limit > 0:
-            longest = max_model_len or model.config.get_text_config().max_position_embeddings
-            from .cuda_graphs import capture_sizes
+        if (
+            self.device.type == "cuda"
+            and not config.eager
+            and limit > 0
+            and self._graphs_possible()
+        ):
+            from .cuda_graphs import capture_sizes  # imports triton: only with its backend
 
+            longest = max_model_len or model.config.get_text_config().max_position_embeddings
             self.use_decode_graphs(capture_sizes(limit), longest)
 
     def prepare(self, scheduled: SchedulerOutput) -> ModelInput:
@@ -258,6 +263,16 @@ class ModelRunner:
         )
         return output.logits[0]
 
+    def _graphs_possible(self) -> bool:
+        """CUDA graphs replay the Triton backend's plans: say so once where it is not chosen."""
+        if self.backend.name == "triton":
+            return True
+        logger.warning(
+            "prefixserve: no CUDA graphs: they need the triton attention backend, not %s",
+            self.backend.name,
+        )
+        return False
+
     @torch.inference_mode()
     def use_decode_graphs(self, sizes: list[int], max_model_len: int, capture: bool = True) -> None:
         """Serve decode steps of up to ``max(sizes)`` requests from graphs captured now, one per
@@ -265,11 +280,7 @@ class ModelRunner:
         Triton backend. ``capture=False`` runs the graphs' bodies without capturing them (tests
         of the padding and buffers on a CPU). A capture that fails leaves steps graph-free,
         saying why once."""
-        if self.backend.name != "triton":
-            logger.warning(
-                "prefixserve: no CUDA graphs: they need the triton attention backend, not %s",
-                self.backend.name,
-            )
+        if not self._graphs_possible():
             return
         from .cuda_graphs import DecodeGraphs
         from .triton_backend import TritonBackend

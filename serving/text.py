@@ -31,7 +31,7 @@ def shorten(value: object, limit: int = QUOTE_LIMIT) -> str:
 
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-"""Tenant and adapter names."""
+"""Tenant and adapter names: safe as directory names, never containing '/'."""
 
 
 def check_name(what: str, name: str) -> str:

@@ -73,3 +73,9 @@ def test_readme_lists_every_environment_variable():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     missing = [name for name in ENVIRONMENT if f"| `{name}` |" not in readme]
     assert not missing, f"README's environment table lacks {missing}"
+
+
+def test_api_keys_none_is_an_open_server(monkeypatch):
+    monkeypatch.setenv("PREFIXSERVE_API_KEYS", "acme sk-acme-123456")
+    assert not parsed().api_keys.open  # the environment's keys, without a file
+    assert parsed("--api-keys", "none").api_keys.open

@@ -63,8 +63,9 @@ class ServerConfig:
     api_keys: ApiKeys = field(
         default_factory=_open_keys, metadata=flag(name="api_keys", metavar="FILE")
     )
-    """API keys: on the command line a file of 'TENANT KEY [admin]' lines (else
-    $PREFIXSERVE_API_KEYS); none = an open server (no authentication, every adapter public)."""
+    """API keys: on the command line a file of 'TENANT KEY [admin]' lines, also read from
+    $PREFIXSERVE_API_KEYS; none of either (or 'none') = an open server (no authentication,
+    every adapter public)."""
     registry_dir: str | Path | None = field(default_factory=default_registry_dir)
     """Where loaded adapters are kept across restarts (default ~/.cache/prefixserve/registry,
     or under $PREFIXSERVE_CACHE); None ('none') = a temporary directory, forgotten on exit."""
@@ -163,7 +164,7 @@ def server_config(values: dict[str, Any], engine: EngineConfig) -> ServerConfig:
             continue
         value = values[option.dest]
         if option.field == "api_keys":
-            value = ApiKeys.load(value)
+            value = ApiKeys() if value == "none" else ApiKeys.load(value)
         elif option.field == "adapters":
             value = [AdapterSpec.parse(a) for a in value or []]
         elif option.field == "registry_dir":

@@ -20,7 +20,6 @@ from ..text import check_name
 from .errors import UnauthenticatedError
 
 ENV_VAR = "PREFIXSERVE_API_KEYS"
-"""Tenant and adapter names: safe as directory names, never containing '/'."""
 
 
 @dataclass(frozen=True, slots=True)

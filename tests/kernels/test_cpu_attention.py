@@ -292,3 +292,13 @@ def test_op_is_opaque_to_torch_compile():
         sc.query * 2, sc.k_cache, sc.v_cache, plan, sc.scale
     ).relu()
     torch.testing.assert_close(layer(sc.query), want)
+
+
+def test_one_native_library_per_process(tmp_path):
+    """A later load from another cache directory returns the loaded library instead of
+    building and registering the same ops a second time."""
+    from prefixserve.kernels.cpu_build import load_cpu_ops
+
+    first = load_cpu_ops(cache_root())
+    assert load_cpu_ops(tmp_path / "elsewhere") == first
+    assert not (tmp_path / "elsewhere").exists()
