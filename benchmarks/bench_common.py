@@ -35,3 +35,26 @@ def write_report(path: str | Path, report: dict[str, Any]) -> Path:
     out.write_text(json.dumps(report, indent=2))
     print(f"wrote {out}")
     return out
+
+
+def memory_bandwidth_gbs(size_mib: int = 512, repeats: int = 5) -> float:
+    """This machine's memory bandwidth now, in GB/s: the best of ``repeats`` copies of a
+    ``size_mib`` buffer (far beyond the caches) on torch's intra-op threads, counting the bytes
+    read and written. The ceiling a decode step that streams every weight once runs against."""
+    import time
+
+    src = torch.ones(size_mib * 2**20 // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # pages in
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.numel() * src.element_size() / best / 1e9
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters, each once (tied embeddings count once: the LM head reads
+    them, the embedding lookup only a few rows): what one decode step streams from memory."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())

@@ -1,7 +1,10 @@
 """Compiled vs eager prefixserve vs transformers' batched ``generate``, in one run.
 
-Workloads (default model, fp32, greedy, eos ignored): 64 chat prompts x 64 new tokens, one
-request x 64 new tokens, and the time to first token of one request. Contenders: transformers,
+Workloads (default model, fp32 or ``--dtype``, greedy, eos ignored): 64 chat prompts x 64 new
+tokens, one request x 64 new tokens, and the time to first token of one request. Beside each
+tok/s the table prints its fraction of the memory-bound limit: a decode step streams every
+weight once, so a batch of ``B`` makes at most ``B x bandwidth / weight bytes`` tokens a second,
+with the bandwidth measured in the same run (a large copy). Contenders: transformers,
 prefixserve eager, prefixserve compiled, and prefixserve compiled with ATen's linears instead of
 the native linear op (``native_cpu_linear=False``: weights frozen and prepacked by Inductor),
 which isolates the op's share.
@@ -18,6 +21,7 @@ a restart from that cache. Prints a table and writes JSON.
     python benchmarks/bench_compile.py --only compiled transformers
     python benchmarks/bench_compile.py --workloads ttft_ms one_tok_s
     python benchmarks/bench_compile.py --profile         # + torch.profiler tables of a decode step
+    python benchmarks/bench_compile.py --dtype bfloat16  # bf16 weights and KV (both contenders)
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from collections.abc import Callable
 from typing import IO
 
 import torch
-from bench_common import machine_info, write_report
+from bench_common import machine_info, memory_bandwidth_gbs, weight_bytes, write_report
 from bench_offline import bench_transformers, make_prompts
 
 CONTENDERS = ("transformers", "eager", "compiled", "compiled-aten")
@@ -57,7 +61,7 @@ def prefixserve_workloads(mode: str, args: argparse.Namespace) -> tuple[float, W
 
     start = time.perf_counter()
     llm = LLM(
-        dtype="float32",
+        dtype=args.dtype,
         enforce_eager=mode == "eager",
         native_cpu_linear=mode != "compiled-aten",
         max_num_seqs=args.batch,
@@ -125,7 +129,7 @@ def transformers_workloads(args: argparse.Namespace) -> tuple[float, Workloads, 
 
     start = time.perf_counter()
     path = resolve_model_path(None)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     startup = time.perf_counter() - start
 
@@ -147,6 +151,19 @@ def transformers_workloads(args: argparse.Namespace) -> tuple[float, Workloads, 
         "ttft_ms": lambda: 1e3 * bench_transformers(model, pad, one, 1),
     }
     return startup, workloads, {}
+
+
+def model_weight_bytes(dtype: str) -> int:
+    """Bytes of the default model's weights in ``dtype``, each once (the architecture's, not an
+    engine's layout of them: packed copies or not, a decode step must read this much)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from prefixserve.model_loader import resolve_model_path
+
+    config = AutoConfig.from_pretrained(resolve_model_path(None))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    return weight_bytes(model)
 
 
 def serve_child(who: str, args: argparse.Namespace) -> None:
@@ -173,6 +190,7 @@ class Child:
     def __init__(self, who: str, args: argparse.Namespace, env: dict, *extra: str) -> None:
         command = [sys.executable, __file__, "--child", who, *extra]
         command += ["--batch", str(args.batch), "--new-tokens", str(args.new_tokens)]
+        command += ["--dtype", args.dtype]
         self.who = who
         self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (lives as long as the child)
         """The contender's stderr (progress bars, warnings), shown if it fails."""
@@ -262,6 +280,12 @@ def main() -> None:
         help="measure only these (default: all)",
     )
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="weights and KV of every contender (default float32)",
+    )
     parser.add_argument("--child", choices=CONTENDERS, help=argparse.SUPPRESS)
     parser.add_argument("--startup-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", default="benchmarks/results/compile.json")
@@ -270,12 +294,16 @@ def main() -> None:
         serve_child(args.child, args)
         return
 
+    bandwidth = memory_bandwidth_gbs()
+    weights = model_weight_bytes(args.dtype)
     results = measure(args)
+    bandwidth = max(bandwidth, memory_bandwidth_gbs())  # before and after: the machine drifts
     base = results.get("transformers")
     threads = torch.get_num_threads()
     print(
-        f"\n{args.batch} prompts x {args.new_tokens} tokens, fp32, {threads} threads; medians of "
-        f"{args.batch_repeats} (batch) and {args.repeats} (one, TTFT) interleaved rounds"
+        f"\n{args.batch} prompts x {args.new_tokens} tokens, {args.dtype}, {threads} threads; "
+        f"medians of {args.batch_repeats} (batch) and {args.repeats} (one, TTFT) interleaved "
+        f"rounds; memory bandwidth {bandwidth:.1f} GB/s, (%) = share of the memory-bound limit"
     )
     head = ["batch tok/s", "one tok/s", "TTFT ms", "start s", "RSS GiB"]
     print(f"{'':>13} {head[0]:>12} {head[1]:>10} {head[2]:>8} {head[3]:>8} {head[4]:>8}")
@@ -285,10 +313,25 @@ def main() -> None:
 
     for who, r in results.items():
         restart = r.get("restart_s")
+        steps_per_s = bandwidth * 1e9 / weights  # decode steps that stream every weight once
+        r["roofline"] = {
+            key: r[key] / (steps_per_s * rows)
+            for key, rows in (("batch_tok_s", args.batch), ("one_tok_s", 1))
+            if key in r
+        }
         print(
             f"{who:>13} {cell(r.get('batch_tok_s'), 12)} {cell(r.get('one_tok_s'), 10)} "
             f"{cell(r.get('ttft_ms'), 8)} {r['startup_s']:>8.1f} {r['peak_rss_gib']:>8.2f}"
             + (f"  (restart from Inductor's cache: {restart:.1f} s)" if restart else "")
+        )
+
+        def share(key: str, width: int, r: dict = r) -> str:
+            value = r["roofline"].get(key)
+            return (f"{100 * value:.1f}%" if value is not None else "-").rjust(width)
+
+        print(
+            f"{'':>13} {share('batch_tok_s', 12)} {share('one_tok_s', 10)}   of the memory-bound"
+            f" limit: {weights / 2**20:.0f} MiB of weights a step"
         )
         if base and who != "transformers":
             v = {
@@ -306,6 +349,7 @@ def main() -> None:
                 f"{cell(v.get('ttft'), 8, 2, 'x')}"
             )
     info = {"batch": args.batch, "new_tokens": args.new_tokens, "rounds": args.repeats}
+    info |= {"dtype": args.dtype, "memory_bandwidth_gbs": bandwidth, "weight_bytes": weights}
     info |= {"workloads": args.workloads}
     write_report(args.out, {"benchmark": "compile", **machine_info(), **info, "results": results})
 
