@@ -46,6 +46,7 @@ from typing import Any
 import grpc
 
 from prefixserve._proto import prefixserve_pb2 as pb
+from prefixserve.async_engine import AsyncEngine
 from prefixserve.client import Client, build_request, load_request
 from prefixserve.config import EngineConfig
 from prefixserve.engine import LLMEngine
@@ -391,8 +392,8 @@ def engine_state(server: BackgroundServer) -> dict[str, Any]:
         }
 
     engine = serving_state(server).engine
-    assert engine is not None, "the server has no engine yet"
-    return asyncio.run(engine.run(read))  # commands may come from any thread and event loop
+    assert isinstance(engine, AsyncEngine), "the server has no engine (yet) in this process"
+    return asyncio.run(engine.inspect(read))  # commands may come from any thread and event loop
 
 
 def snapshot(server: BackgroundServer) -> dict[str, Any]:

@@ -144,6 +144,11 @@ class AsyncEngine:
         """Unload ``name``: True if at once, False once its last request ends."""
         return await self._call(lambda: self.engine.unload_adapter(name, missing_ok=missing_ok))
 
+    async def inspect(self, read: Callable[[LLMEngine], T]) -> T:
+        """Diagnostics (benchmarks, tests), not part of :class:`EngineClient`: ``read(engine)``
+        on the engine's thread between steps. ``read`` must only read."""
+        return await self._call(lambda: read(self.engine))
+
     async def abort(self, request_id: str) -> None:
         """Abort a request; its stream ends with an output whose finish reason is 'abort'."""
         await self._call(lambda: self._abort(request_id))
