@@ -14,7 +14,7 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .adapters import Adapter, load_peft_adapter, text_adapter
+from .adapters import Adapter, AdapterError, load_peft_adapter, text_adapter
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .kv_cache import BlockAllocator, blocks_for
@@ -25,7 +25,7 @@ from .request import FinishReason, ListPrefix, Request, RequestOutput
 from .sampler import Sampler, request_generator
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
-from .text import shorten
+from .text import fewest_tokens, longest_token_chars, shorten
 from .types import AdapterInfo
 
 logger = logging.getLogger(__name__)
@@ -116,6 +116,8 @@ class LLMEngine:
         model, self.tokenizer, self.model_path = load_model(self.config.model)
         self.max_model_len = _max_model_len(model, self.config.model.max_model_len)
         self.eos_token_ids = _eos_token_ids(model, self.tokenizer)
+        self.longest_token = longest_token_chars(self.tokenizer)
+        """Characters one token spans at most (None: no cheap bound for this tokenizer)."""
         self.runner = ModelRunner(model, self.config, self.max_model_len)
         self.vocab_size = self.runner.shape.vocab_size
         self.allocator = BlockAllocator(self.runner.kv_cache.num_blocks)
@@ -136,6 +138,13 @@ class LLMEngine:
     def tokenize(self, prompt: Prompt) -> list[int]:
         """Token ids of ``prompt``: a string is tokenized as given (no special tokens added)."""
         if isinstance(prompt, str):
+            fewest = fewest_tokens(prompt, self.longest_token)
+            if fewest > self.max_model_len:  # refused before seconds of tokenizing
+                raise ValueError(
+                    f"the prompt has {len(prompt)} characters, so at least {fewest} tokens (one "
+                    f"spans at most {self.longest_token}), beyond the context of "
+                    f"{self.max_model_len} tokens"
+                )
             return list(self.tokenizer.encode(prompt, add_special_tokens=False))
         ids = list(prompt)
         bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
@@ -222,7 +231,15 @@ class LLMEngine:
             return load_peft_adapter(
                 name, path, self.runner.shape, max_tokens, self.runner.kv_cache.spec.dtype
             )
-        return text_adapter(name, self.tokenize(str(text)), max_tokens)
+        text = str(text)
+        fewest = fewest_tokens(text, self.longest_token)
+        if fewest > max_tokens:  # refused before seconds of tokenizing
+            raise AdapterError(
+                f"adapter {shorten(name)}: the text prefix has {len(text)} characters, so at "
+                f"least {fewest} tokens (one spans at most {self.longest_token}); at most "
+                f"{max_tokens} fit"
+            )
+        return text_adapter(name, self.tokenize(text), max_tokens)
 
     def add_adapter(self, adapter: Adapter) -> AdapterInfo:
         """Register an adapter read by :meth:`read_adapter` (engine thread)."""

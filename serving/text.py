@@ -1,4 +1,5 @@
-"""Quoting user input in error messages without copying all of it.
+"""User text: quoting it in error messages without copying all of it, checking names, and
+bounding its tokens without tokenizing it.
 
 Error messages name the value that was wrong, but a request may carry megabytes (a stop list, an
 adapter name of 8 KB): quoted in full, the message would outgrow gRPC's limit on a status and
@@ -8,6 +9,7 @@ the client would see RESOURCE_EXHAUSTED instead of the real reason.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 QUOTE_LIMIT = 80
 """Characters of a quoted value kept in a message."""
@@ -28,6 +30,26 @@ def shorten(value: object, limit: int = QUOTE_LIMIT) -> str:
     if len(text) <= limit:
         return text
     return f"{text[:limit]}... ({len(text)} chars)"
+
+
+def longest_token_chars(tokenizer: Any) -> int | None:
+    """The most characters one token of ``tokenizer`` spans, or None where text is normalized
+    before tokenizing (a normalizer may shrink it, so no bound follows from its length).
+
+    A text of ``n`` characters then has at least ``ceil(n / longest)`` tokens: the bound that
+    refuses a text too long for the context without tokenizing it (megabytes take seconds).
+    Vocabulary entries are counted as stored; a byte-level entry is one character per byte,
+    never fewer characters than its text has."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or backend.normalizer is not None:
+        return None
+    return max((len(token) for token in tokenizer.get_vocab()), default=None)
+
+
+def fewest_tokens(text: str, longest: int | None) -> int:
+    """A lower bound on the tokens of ``text`` (0 where there is none: see
+    :func:`longest_token_chars`)."""
+    return -(-len(text) // longest) if longest else 0
 
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
