@@ -58,3 +58,16 @@ def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of the model's parameters, each once (tied embeddings count once: the LM head reads
     them, the embedding lookup only a few rows): what one decode step streams from memory."""
     return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def model_weight_bytes(dtype: str) -> int:
+    """Bytes of the default model's weights in ``dtype``, each once (the architecture's, not an
+    engine's layout of them: packed copies or not, a decode step must read this much)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from prefixserve.model_loader import resolve_model_path
+
+    config = AutoConfig.from_pretrained(resolve_model_path(None))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    return weight_bytes(model)

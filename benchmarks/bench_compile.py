@@ -39,7 +39,7 @@ from collections.abc import Callable
 from typing import IO
 
 import torch
-from bench_common import machine_info, memory_bandwidth_gbs, weight_bytes, write_report
+from bench_common import machine_info, memory_bandwidth_gbs, model_weight_bytes, write_report
 from bench_offline import bench_transformers, make_prompts
 
 CONTENDERS = ("transformers", "eager", "compiled", "compiled-aten")
@@ -151,19 +151,6 @@ def transformers_workloads(args: argparse.Namespace) -> tuple[float, Workloads, 
         "ttft_ms": lambda: 1e3 * bench_transformers(model, pad, one, 1),
     }
     return startup, workloads, {}
-
-
-def model_weight_bytes(dtype: str) -> int:
-    """Bytes of the default model's weights in ``dtype``, each once (the architecture's, not an
-    engine's layout of them: packed copies or not, a decode step must read this much)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from prefixserve.model_loader import resolve_model_path
-
-    config = AutoConfig.from_pretrained(resolve_model_path(None))
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
-    return weight_bytes(model)
 
 
 def serve_child(who: str, args: argparse.Namespace) -> None:

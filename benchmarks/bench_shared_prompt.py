@@ -1,8 +1,8 @@
 """Shared system prompt: 64 chat requests under one long system prompt, served as a text adapter.
 
 Workload: ``--requests`` chats "Tell me about <topic>." (chat template), ``--new-tokens`` each,
-greedy, eos ignored, on the default model in fp32. For each system prompt length (``0`` = none,
-the template's default system line) it measures, in one process:
+greedy, eos ignored, on the default model in fp32 (or ``--dtype``). For each system prompt
+length (``0`` = none, the template's default system line) it measures, in one process:
 
 * prefixserve with the system prompt as a text adapter (its prefix computed once, warm before
   the clock starts), once per attention backend (``cpu``: the native op; ``torch``: the
@@ -10,9 +10,12 @@ the template's default system line) it measures, in one process:
 * transformers' batched ``generate`` (whole batch at once, left padding) with the system prompt
   in every prompt: the same tokens, recomputed per request.
 
-Beside each ratio it prints a FLOP bound: what the ratio would be if attention over the prefix
-cost no more per FLOP than the model's matmuls (every request's queries must still meet every
-prefix key: ``4 * P * Hq * D`` FLOPs per token and layer, against ``2 * params`` for the model).
+Each engine rate also comes as its share of the memory-bound limit (``mem``): a decode step
+streams every weight once, so ``requests x bandwidth / weight bytes`` tokens a second at most,
+with the bandwidth measured in the same run. Beside each ratio it prints a FLOP bound: what the
+ratio would be if attention over the prefix cost no more per FLOP than the model's matmuls
+(every request's queries must still meet every prefix key: ``4 * P * Hq * D`` FLOPs per token
+and layer, against ``2 * params`` for the model).
 
 The engine's figure is the best of ``--repeats`` rounds (each round runs every length, so a busy
 moment on a shared machine cannot favour one length); the peer runs once (it takes minutes).
@@ -30,7 +33,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_common import machine_info, write_report
+from bench_common import machine_info, memory_bandwidth_gbs, model_weight_bytes, write_report
 from bench_offline import TOPICS, bench_transformers
 from transformers import AutoModelForCausalLM
 
@@ -137,7 +140,7 @@ def run_engine(
     """Output tokens/s of the engine on ``backend`` per system prompt length (the best of
     ``--repeats`` rounds, each over every length: a shared machine slows some rounds), and
     :func:`flop_bound` per length."""
-    llm = LLM(dtype="float32", max_num_seqs=args.requests, attention_backend=backend)
+    llm = LLM(dtype=args.dtype, max_num_seqs=args.requests, attention_backend=backend)
     bench_engine(llm, chat_prompts(llm, 2, "")[0], 4, None)
     workloads = {}
     for n in lengths:
@@ -161,8 +164,9 @@ def run_engine(
 
 
 def run_transformers(lengths: list[int], args: argparse.Namespace) -> dict[int, float]:
-    llm = LLM(dtype="float32", max_num_seqs=1, num_kv_blocks=16)  # tokenizer and model path
-    model = AutoModelForCausalLM.from_pretrained(llm.engine.model_path, dtype=torch.float32)
+    llm = LLM(dtype=args.dtype, max_num_seqs=1, num_kv_blocks=16)  # tokenizer and model path
+    dtype = getattr(torch, args.dtype)
+    model = AutoModelForCausalLM.from_pretrained(llm.engine.model_path, dtype=dtype)
     model.eval()
     pad_id = llm.tokenizer.pad_token_id or 0
     bench_transformers(model, pad_id, chat_prompts(llm, 2, "")[1], 4)
@@ -184,22 +188,35 @@ def main() -> None:
     parser.add_argument("--backends", nargs="*", default=["cpu", "torch"], help="none: peer only")
     parser.add_argument("--no-transformers", action="store_true")
     parser.add_argument("--repeats", type=int, default=3, help="engine rounds; the best counts")
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="weights and KV of the engine and the peer (default float32)",
+    )
     parser.add_argument("--out", default="benchmarks/results/shared_prompt.json")
     args = parser.parse_args()
     lengths = sorted(set(args.prompt_tokens) | {0})
 
-    print(f"{args.requests} requests x {args.new_tokens} new tokens, fp32, default model")
+    print(f"{args.requests} requests x {args.new_tokens} new tokens, {args.dtype}, default model")
+    bandwidth = memory_bandwidth_gbs()
     engine, bound = {}, {}
     for backend in args.backends:
         engine[backend], bound = run_engine(backend, lengths, args)
     peer = {} if args.no_transformers else run_transformers(lengths, args)
-    rows = [_row(n, engine, peer, bound) for n in lengths]
+    bandwidth = max(bandwidth, memory_bandwidth_gbs())  # before and after: the machine drifts
+    weights = model_weight_bytes(args.dtype)
+    limit = args.requests * bandwidth * 1e9 / weights  # tok/s if every step streams the weights
+    rows = [_row(n, engine, peer, bound, limit) for n in lengths]
+    print(f"memory bandwidth {bandwidth:.1f} GB/s, {weights / 2**20:.0f} MiB of weights a step")
     _print_table(rows, args.backends, bool(peer))
     report = {
         "benchmark": "shared_prompt",
         "requests": args.requests,
         "new_tokens": args.new_tokens,
-        "dtype": "float32",
+        "dtype": args.dtype,
+        "memory_bandwidth_gbs": bandwidth,
+        "weight_bytes": weights,
         **machine_info(processor=True),
         "rows": rows,
     }
@@ -208,13 +225,18 @@ def main() -> None:
 
 
 def _row(
-    n: int, engine: dict[str, dict[int, float]], peer: dict[int, float], bound: dict[int, float]
+    n: int,
+    engine: dict[str, dict[int, float]],
+    peer: dict[int, float],
+    bound: dict[int, float],
+    limit: float,
 ) -> dict:
     row: dict = {"system_prompt_tokens": n}
     if bound:
         row["flop_bound_vs_no_prompt"] = bound[n]
     for backend, rates in engine.items():
         row[f"{backend}_tok_s"] = rates[n]
+        row[f"{backend}_memory_bound_share"] = rates[n] / limit
         row[f"{backend}_vs_no_prompt"] = rates[n] / rates[0]
         if peer:
             row[f"{backend}_vs_transformers"] = rates[n] / peer[n]
@@ -226,7 +248,8 @@ def _row(
 def _print_table(rows: list[dict], backends: list[str], with_peer: bool) -> None:
     header = f"{'system prompt':>13}"
     for b in backends:
-        header += f" {b + ' tok/s':>11} {'vs none':>7}" + (f" {'vs HF':>6}" if with_peer else "")
+        header += f" {b + ' tok/s':>11} {'mem':>5} {'vs none':>7}"
+        header += f" {'vs HF':>6}" if with_peer else ""
     header += f" {'HF generate tok/s':>18}" if with_peer else ""
     with_bound = "flop_bound_vs_no_prompt" in rows[0]
     header += f" {'FLOP bound':>10}" if with_bound else ""
@@ -234,7 +257,8 @@ def _print_table(rows: list[dict], backends: list[str], with_peer: bool) -> None
     for r in rows:
         line = f"{r['system_prompt_tokens']:>13}"
         for b in backends:
-            line += f" {r[f'{b}_tok_s']:>11.1f} {r[f'{b}_vs_no_prompt']:>6.2f}x"
+            line += f" {r[f'{b}_tok_s']:>11.1f} {100 * r[f'{b}_memory_bound_share']:>4.0f}%"
+            line += f" {r[f'{b}_vs_no_prompt']:>6.2f}x"
             line += f" {r[f'{b}_vs_transformers']:>5.2f}x" if with_peer else ""
         line += f" {r['transformers_tok_s']:>18.1f}" if with_peer else ""
         line += f" {r['flop_bound_vs_no_prompt']:>9.2f}x" if with_bound else ""
