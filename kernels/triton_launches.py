@@ -248,10 +248,12 @@ def _tokens(num_tokens: int, heads: int, head_dim: int, dtype: torch.dtype) -> t
     return torch.empty(1, heads, num_tokens, head_dim, dtype=dtype)[0].transpose(0, 1)
 
 
-def _run_step(plan: StepPlan, shape: ModelShape, dtype: torch.dtype, num_blocks: int) -> None:
-    """The launches of one layer of a step: the KV write, then attention."""
+def _run_step(plan: StepPlan, shape: ModelShape, dtype: torch.dtype) -> None:
+    """The launches of one layer of a step: the KV write, then attention (over a pool just
+    large enough for the step's block tables)."""
     meta = plan.meta
     d, hkv = shape.head_dim, shape.num_kv_heads
+    num_blocks = 1 + max(int(meta.block_tables.max()), int(meta.prefix_block_tables.max()))
     pool = torch.empty(2, num_blocks, meta.block_size, hkv, d, dtype=dtype)
     k_cache, v_cache = pool[0], pool[1]
     tokens = meta.num_tokens
@@ -278,8 +280,8 @@ def _steps(
     yield plan_step(_step(_PREFILL, _PREFIXES, block_size), **heads)
     yield plan_step(_step(_SHORT_DECODE, [], block_size), **heads)
     decode = _step(_DECODE, _PREFIXES, block_size)
-    for mode, splits in itertools.product(("auto", "plain", "grouped"), (None,)):
-        yield plan_step(decode, decode_mode=mode, num_splits=splits, **heads)
+    for mode in ("auto", "plain", "grouped"):
+        yield plan_step(decode, decode_mode=mode, **heads)
     for mode, splits in itertools.product(("plain", "grouped"), range(1, rule.max_splits + 1)):
         yield plan_step(decode, decode_mode=mode, num_splits=splits, **heads)
     graphs = GraphPlans(
@@ -312,11 +314,10 @@ def enumerate_launches(
     if backend is None:
         backend = cuda_backend(90)
     rule = DispatchRule()
-    num_blocks = 64
     with record_launches() as calls:
         for plan in _steps(shape, dtype, block_size, rule):
-            _run_step(plan, shape, dtype, num_blocks)
-    tag = f"{shape.name} {_POINTER_DTYPES['*' + _triton_dtype(dtype)]} page{block_size}"
+            _run_step(plan, shape, dtype)
+    tag = f"{shape.name} {_triton_dtype(dtype)} page{block_size}"
     launches: dict[tuple, Launch] = {}
     for call in calls:
         launch = bind(call, backend)
