@@ -71,18 +71,27 @@ def test_cut_loads_leave_nothing_behind(server, upload):
 
     A load the server finished just as the deadline passed (its answer was on the wire) is kept,
     as with any RPC; it is then whole: in the engine and the registry both."""
-    names = [f"cut-{i}" for i in range(len(DEADLINES))]
     with Client(server.address, KEYS["acme"]) as acme:
-        answered = {
-            name for name, t in zip(names, DEADLINES) if _load_with_deadline(acme, name, upload, t)
-        }
-        _drain(server)
-        engine, records, staged = _state(server)
-        assert engine == records
-        assert staged == []
-        assert {f"acme/{n}" for n in answered} <= records
-        undone = [n for n in names if f"acme/{n}" not in records]
-        assert undone, "no deadline cut a load: the test proves nothing"
+        # On a busy machine the server may finish every load before it sees a deadline pass:
+        # then unload them and sweep again, a few times at most.
+        for sweep in range(3):
+            names = [f"cut-{sweep}-{i}" for i in range(len(DEADLINES))]
+            answered = {
+                name
+                for name, t in zip(names, DEADLINES)
+                if _load_with_deadline(acme, name, upload, t)
+            }
+            _drain(server)
+            engine, records, staged = _state(server)
+            assert engine == records
+            assert staged == []
+            assert {f"acme/{n}" for n in answered} <= records
+            undone = [n for n in names if f"acme/{n}" not in records]
+            if undone:
+                break
+            for name in names:
+                acme.unload_adapter(name)
+        assert undone, "no deadline cut a load in three sweeps: the test proves nothing"
         for name in undone:
             acme.load_adapter(name, upload=upload)  # no name got stuck
         assert {a.name for a in acme.list_adapters()} >= set(names)
