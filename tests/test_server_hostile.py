@@ -441,7 +441,7 @@ def _outcomes(server, tenant: str) -> dict[str, float]:
     registry = server.server.state.metrics.registry
     labels = {"adapter": "", "tenant": tenant}
     found = {}
-    for outcome in ("cancelled", "error", "length", "stop"):
+    for outcome in ("cancelled", "deadline", "invalid", "not_found", "error", "length", "stop"):
         value = registry.get_sample_value(
             "prefixserve_requests_total", {**labels, "outcome": outcome}
         )
@@ -456,10 +456,10 @@ def _wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
-def test_cancelled_and_expired_streams_count_as_cancelled(server):
+def test_cancelled_and_expired_streams_count_as_cancelled_and_deadline(server):
     """A client that stops reading (a small receive window fills) then cancels, or whose
     deadline passes: the server is blocked sending, so its stream is closed rather than
-    cancelled; both count as 'cancelled', never 'error'."""
+    cancelled; they count as 'cancelled' and 'deadline', never 'error'."""
     options = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
     request = pb.GenerateRequest(
         token_ids=pb.TokenIds(ids=[5, 9, 33]),
@@ -481,5 +481,22 @@ def test_cancelled_and_expired_streams_count_as_cancelled(server):
                     list(call)
                 assert info.value.code() is S.DEADLINE_EXCEEDED
     _wait_for(lambda: sum(_outcomes(server, "globex").values()) >= 4)
-    assert _outcomes(server, "globex") == {"cancelled": 4.0}
+    assert _outcomes(server, "globex") == {"cancelled": 2.0, "deadline": 2.0}
     wait_until_idle(server.engine)
+
+
+def test_requests_the_engine_refuses_count_as_invalid_not_error(server, channel):
+    """A prompt beyond the context passes the message checks and is refused by the engine:
+    INVALID_ARGUMENT to the client, 'invalid' in the metrics (the client's doing, not the
+    server's)."""
+    request = pb.GenerateRequest(
+        token_ids=pb.TokenIds(ids=[5] * 600),
+        stopping=pb.StoppingOptions(max_new_tokens=8),
+    )
+    before = _outcomes(server, "ops")
+    code, details = status_of(channel, GEN + "Generate", request, tenant="ops")
+    assert code is S.INVALID_ARGUMENT and "exceeds the context" in details
+    _wait_for(lambda: _outcomes(server, "ops").get("invalid", 0) > before.get("invalid", 0))
+    after = _outcomes(server, "ops")
+    assert after.get("invalid", 0) == before.get("invalid", 0) + 1
+    assert after.get("error", 0) == before.get("error", 0)

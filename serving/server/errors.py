@@ -115,6 +115,37 @@ def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
     )
 
 
+CLIENT_OUTCOMES = {
+    grpc.StatusCode.NOT_FOUND: "not_found",
+    grpc.StatusCode.INVALID_ARGUMENT: "invalid",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "deadline",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "rejected",
+    grpc.StatusCode.PERMISSION_DENIED: "rejected",
+    grpc.StatusCode.UNAUTHENTICATED: "rejected",
+    grpc.StatusCode.UNAVAILABLE: "rejected",
+}
+"""The metrics' outcome of a request that ended with a status a client caused or must retry."""
+
+
+def outcome_of(error: BaseException) -> str:
+    """The ``outcome`` label of a generation that ended with ``error``: ``error`` only for a
+    fault of the server (what :func:`status_of` answers INTERNAL), else who ended it
+    (``not_found``, ``invalid``, ``deadline``, ``rejected``). Logs nothing."""
+    if isinstance(error, StepError):
+        return "error"
+    if isinstance(error, ServiceError):
+        return CLIENT_OUTCOMES.get(error.code, "error")
+    if isinstance(error, QueueFullError | EngineDeadError):
+        return "rejected"
+    if isinstance(error, TimeoutError):
+        return "deadline"
+    if isinstance(error, AdapterNotFoundError):  # e.g. unloaded between lookup and use
+        return "not_found"
+    if isinstance(error, ValueError):
+        return "invalid"
+    return "error"
+
+
 def request_limits(max_upload_bytes: int, max_request_bytes: int) -> dict[str, int]:
     """The largest request, in bytes, each RPC accepts, by method path.
 

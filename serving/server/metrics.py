@@ -110,7 +110,7 @@ class RequestTracker:
         self.last_token = now
 
     def finish(self, outcome: str) -> None:
-        """Count the request once: ``outcome`` is its finish reason, 'cancelled' or 'error'."""
+        """Count the request once: ``outcome`` is its finish reason or how it ended early."""
         if self.done:
             return
         self.done = True
@@ -134,7 +134,8 @@ class ServerMetrics:
         self.requests = Counter(
             "prefixserve_requests",
             "Finished generation requests by adapter ('' = none, tenants' own adapters "
-            f"{PRIVATE_ADAPTER!r}), tenant and outcome",
+            f"{PRIVATE_ADAPTER!r}), tenant and outcome (a finish reason: stop, length, abort; "
+            "or cancelled, deadline, not_found, invalid, rejected; error = a server fault)",
             ["adapter", "tenant", "outcome"],
             registry=self.registry,
         )

@@ -27,7 +27,7 @@ from ..quota import TenantQuota
 from ..request import RequestOutput
 from ..sampling_params import MAX_LOGPROBS
 from . import protocol
-from .errors import NotReadyError
+from .errors import NotReadyError, outcome_of
 from .metrics import ServerMetrics
 from .registry import AdapterRegistry
 from .tenants import ApiKeys, Tenant
@@ -137,9 +137,10 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
     ) -> AsyncGenerator[RequestOutput, None]:
         """The engine's outputs for ``request``, timed.
 
-        Counted as 'cancelled' when the client goes away or its deadline passes: grpc then
-        cancels the handler (CancelledError) or, while a stream waits to send, closes this
-        generator (GeneratorExit at its ``yield``).
+        Counted as 'cancelled' when the client goes away and 'deadline' when its deadline
+        passes (grpc then cancels the handler, CancelledError, or, while a stream waits to send,
+        closes this generator, GeneratorExit at its ``yield``); an error by who caused it
+        (:func:`~prefixserve.server.errors.outcome_of`): 'error' only for the server's faults.
         """
         tenant = self.state.authenticate(context)
         engine = self.state.ready()
@@ -159,7 +160,13 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
                 yield out
         except (asyncio.CancelledError, GeneratorExit):
             if outcome == "error":  # gone before the end (not after its last output)
-                outcome = "cancelled"
+                # grpc ends a call at its deadline, give or take a few milliseconds
+                remaining = context.time_remaining()
+                expired = remaining is not None and remaining < 0.1
+                outcome = "deadline" if expired else "cancelled"
+            raise
+        except Exception as error:
+            outcome = outcome_of(error)
             raise
         finally:
             tracker.finish(outcome)
