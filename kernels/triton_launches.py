@@ -149,7 +149,8 @@ class _Call:
 @contextlib.contextmanager
 def record_launches() -> Iterator[list[_Call]]:
     """Within the block, ``kernel[grid](*args, **kwargs)`` of any Triton kernel records the call
-    in the yielded list instead of compiling or running it."""
+    in the yielded list instead of compiling or running it. Process-wide (it patches
+    ``JITFunction.run``): for tools, never in a process that serves."""
     calls: list[_Call] = []
     original = JITFunction.run
 

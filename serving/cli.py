@@ -141,7 +141,7 @@ def _add_server_flags(group: argparse._ArgumentGroup) -> None:
         annotation = option.annotation
         if spec.unit != 1:  # a byte count given in MiB or KiB: fractions allowed
             annotation = annotation.replace("int", "float")
-        if option.field in ("api_keys", "registry_dir"):  # a path, or 'none' kept as text
+        if spec.text:  # a path, or 'none', for the config to read
             annotation = "str"
         group.add_argument(
             flag,

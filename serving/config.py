@@ -121,6 +121,8 @@ class Flag:
     metavar: str | None = None
     repeat: bool = False
     """The flag may be given many times; the field is the list of their values."""
+    text: bool = False
+    """The flag's text reaches the config as given ('none' too): a path the config reads."""
 
 
 def flag(**kwargs: Any) -> dict[str, Flag]:

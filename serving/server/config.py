@@ -60,13 +60,13 @@ class ServerConfig:
     """Address to listen on; '0.0.0.0' or '[::]' to accept other machines."""
     port: int = 50051
     """gRPC port; 0 picks a free one."""
-    api_keys: ApiKeys = field(
-        default_factory=_open_keys, metadata=flag(name="api_keys", metavar="FILE")
-    )
+    api_keys: ApiKeys = field(default_factory=_open_keys, metadata=flag(metavar="FILE", text=True))
     """API keys: on the command line a file of 'TENANT KEY [admin]' lines, also read from
     $PREFIXSERVE_API_KEYS; none of either (or 'none') = an open server (no authentication,
     every adapter public)."""
-    registry_dir: str | Path | None = field(default_factory=default_registry_dir)
+    registry_dir: str | Path | None = field(
+        default_factory=default_registry_dir, metadata=flag(metavar="DIR", text=True)
+    )
     """Where loaded adapters are kept across restarts (default ~/.cache/prefixserve/registry,
     or under $PREFIXSERVE_CACHE); None ('none') = a temporary directory, forgotten on exit."""
     adapters: list[AdapterSpec] = field(
