@@ -362,7 +362,7 @@ def settle(server: BackgroundServer, timeout: float) -> float:
     start, idle_since = time.monotonic(), None
     while time.monotonic() - start < timeout:
         state = engine_state(server)
-        idle = not state["requests"] and state["kv_used"] == state["kv_prefix"]
+        idle = not state["requests"] and state["kv_used"] == state["kv_prefix"] + state["kv_cached"]
         if not idle or serving_state(server).adapter_lock.locked():
             idle_since = None
         elif idle_since is None:
@@ -387,6 +387,7 @@ def engine_state(server: BackgroundServer) -> dict[str, Any]:
             "kv_blocks": e.allocator.num_blocks,
             "kv_used": e.allocator.num_used,
             "kv_prefix": e.prefixes.resident_blocks,
+            "kv_cached": len(e.block_cache.idle),
             "kv_pool_mib": e.allocator.num_blocks * e.prefixes.bytes_per_block / 2**20,
             "engine_adapters": sorted(e.prefixes.prefixes),
         }
@@ -428,8 +429,9 @@ def invariants(tally: Tally, after: dict[str, Any], mismatches: int) -> dict[str
     engine, registry = set(after["engine_adapters"]), set(after["registry_adapters"])
     checks = {
         "no leaked KV blocks": (
-            after["kv_used"] == after["kv_prefix"] and not after["requests"],
+            after["kv_used"] == after["kv_prefix"] + after["kv_cached"] and not after["requests"],
             f"{after['kv_used']} used, {after['kv_prefix']} held by prefixes, "
+            f"{after['kv_cached']} by the prefix cache (idle), "
             f"{after['requests']} requests left",
         ),
         "engine adapters == registry records": (
@@ -481,7 +483,8 @@ def print_report(result: dict[str, Any]) -> None:
     )
     print(
         f"KV blocks of {a['kv_blocks']} ({a['kv_pool_mib']:.0f} MiB): before {b['kv_used']} used "
-        f"({b['kv_prefix']} prefix), after {a['kv_used']} used ({a['kv_prefix']} prefix)"
+        f"({b['kv_prefix']} prefix, {b['kv_cached']} cached), after {a['kv_used']} used "
+        f"({a['kv_prefix']} prefix, {a['kv_cached']} cached)"
     )
     print(
         f"adapters: engine {len(a['engine_adapters'])}, registry {len(a['registry_adapters'])}; "

@@ -67,6 +67,8 @@ class AsyncEngine:
         request_id: str | None = None,
         adapter: str | None = None,
         tenant: str = "",
+        cache_salt: str | None = None,
+        share_cache: bool = False,
     ) -> AsyncIterator[RequestOutput]:
         """Queue a request and yield its outputs as tokens arrive (the last has ``finished``).
 
@@ -91,7 +93,15 @@ class AsyncEngine:
                     f"{mine} of your requests are already waiting, the most one tenant may "
                     f"queue (limit {limit}, server option --max-waiting-per-tenant); retry later"
                 )
-            self.engine.add_request(prompt, params, request_id, adapter=adapter, tenant=tenant)
+            self.engine.add_request(
+                prompt,
+                params,
+                request_id,
+                adapter=adapter,
+                tenant=tenant,
+                cache_salt=cache_salt,
+                share_cache=share_cache,
+            )
             self._streams[request_id] = (loop, stream)
 
         finished = False

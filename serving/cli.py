@@ -139,6 +139,15 @@ def _add_server_flags(group: argparse._ArgumentGroup) -> None:
             )
             continue
         annotation = option.annotation
+        if annotation.startswith("bool"):
+            group.add_argument(
+                flag,
+                dest=option.dest,
+                action=argparse.BooleanOptionalAction,
+                default=option.default,
+                help=help_text,
+            )
+            continue
         if spec.unit != 1:  # a byte count given in MiB or KiB: fractions allowed
             annotation = annotation.replace("int", "float")
         if spec.text:  # a path, or 'none', for the config to read

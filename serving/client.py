@@ -55,6 +55,8 @@ class Usage:
     completion_tokens: int = 0
     adapter_tokens: int = 0
     """The adapter's prefix length (computed once, shared by its requests)."""
+    cached_tokens: int = 0
+    """Prompt tokens found in the server's prefix cache (not computed again)."""
 
 
 @dataclass(slots=True)
@@ -119,7 +121,7 @@ def _logprobs(entries: Sequence[pb.TokenLogprobs]) -> list[TokenLogprobs]:
 
 
 def _usage(m: pb.Usage) -> Usage:
-    return Usage(m.prompt_tokens, m.completion_tokens, m.adapter_tokens)
+    return Usage(m.prompt_tokens, m.completion_tokens, m.adapter_tokens, m.cached_tokens)
 
 
 def build_request(
@@ -141,6 +143,9 @@ def build_request(
     logprobs = options.pop("logprobs", None)
     if logprobs is not None:
         request.logprobs = logprobs
+    cache_salt = options.pop("cache_salt", None)
+    if cache_salt is not None:
+        request.cache_salt = cache_salt
     for name, value in options.items():
         if value is None:
             continue
@@ -278,7 +283,8 @@ class Client(_Base):
     ) -> GenerateResult:
         """Generate the whole answer. ``options``: max_new_tokens, temperature, top_k, top_p,
         min_p, repetition_penalty, seed, stop, stop_token_ids, include_stop_str_in_output,
-        ignore_eos, skip_special_tokens, logprobs, request_id."""
+        ignore_eos, skip_special_tokens, logprobs, request_id, cache_salt (reuse cached KV
+        blocks only between requests with the same salt)."""
         request = build_request(prompt, adapter, options)
         response, call = self.generation.Generate.with_call(request, **self._kw(timeout))
         result = result_of(response)

@@ -176,6 +176,11 @@ class CacheConfig:
     """CUDA: share of free device memory after loading weights given to the KV pool."""
     cpu_kv_memory_gib: float = 1.0
     """CPU: memory given to the KV pool when ``num_kv_blocks`` is not set."""
+    enable_prefix_caching: bool = True
+    """Keep the full KV blocks of finished requests cached, so that a request repeating
+    their leading tokens (a conversation's history, a shared few-shot prompt) computes only
+    the rest; cached blocks are shared only within a tenant, the same adapter load and the same
+    cache_salt, and evicted least recently used when the pool needs room."""
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

@@ -15,6 +15,7 @@ from pathlib import Path
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .adapters import Adapter, AdapterError, load_peft_adapter, text_adapter
+from .block_cache import BlockCache, cache_root
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .kv_cache import BlockAllocator, blocks_for
@@ -89,6 +90,15 @@ class EngineStats:
     prefix_evictions: int
     preemptions: int
     """Requests preempted (recomputed later) for KV blocks."""
+    prefix_cache_queries: int = 0
+    """Prompt tokens looked up in the prefix cache (each admission)."""
+    prefix_cache_hits: int = 0
+    """Of those, tokens found cached (not computed)."""
+    cached_blocks: int = 0
+    """KV blocks of requests' own tokens held in the prefix cache (in use or idle)."""
+    cached_blocks_idle: int = 0
+    """Of those, blocks no running request reads (evicted first when the pool needs room)."""
+    prefix_cache_evictions: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,8 +132,12 @@ class LLMEngine:
         self.vocab_size = self.runner.shape.vocab_size
         self.allocator = BlockAllocator(self.runner.kv_cache.num_blocks)
         self.block_size = self.config.cache.block_size
+        self.block_cache = BlockCache(self.allocator, self.block_size)
         self.prefixes = PrefixStore(
-            self.allocator, self.block_size, self.runner.kv_cache.spec.bytes_per_block
+            self.allocator,
+            self.block_size,
+            self.runner.kv_cache.spec.bytes_per_block,
+            self.block_cache,
         )
         self.scheduler = Scheduler(
             self.config.scheduler, self.allocator, self.prefixes, self.block_size
@@ -161,11 +175,18 @@ class LLMEngine:
         request_id: str | None = None,
         adapter: str | None = None,
         tenant: str = "",
+        cache_salt: str | None = None,
+        share_cache: bool = False,
     ) -> str:
         """Validate and queue a request, optionally behind a loaded adapter's prefix; returns its
-        id. ``tenant``: who sent it (the scheduler shares the engine fairly between tenants).
+        id. ``tenant``: who sent it (the scheduler shares the engine fairly between tenants, and
+        its cached blocks are its own). ``cache_salt``: reuse cached blocks only between requests
+        with the same salt (one user of a tenant). ``share_cache``: share cached blocks with
+        every tenant (a server allows it for public adapters only).
         Raises ``ValueError`` on bad input (:class:`AdapterError` for adapter problems)."""
         params = params or SamplingParams()
+        if cache_salt is not None and not isinstance(cache_salt, str):
+            raise ValueError(f"cache_salt must be a string, got {type(cache_salt).__name__}")
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
@@ -185,6 +206,13 @@ class LLMEngine:
             prefix=self.prefixes.attach(adapter) if adapter is not None else None,
             tenant=tenant,
         )
+        if self.config.cache.enable_prefix_caching:
+            prefix = request.prefix
+            request.cache_root = cache_root(
+                None if prefix is None else (prefix.name, prefix.serial),
+                None if share_cache else tenant,
+                cache_salt,
+            )
         self.requests[request_id] = request
         self.scheduler.add(request)
         return request_id
@@ -274,12 +302,17 @@ class LLMEngine:
         outputs = [self.abort(request_id) for request_id in list(self.requests)]
         return [out for out in outputs if out is not None]
 
+    def reset_prefix_cache(self) -> int:
+        """Evict every cached block no request reads; returns how many were freed."""
+        return self.block_cache.clear_idle()
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished
 
     def stats(self) -> EngineStats:
         """A snapshot of queues, memory and counters (call on the engine's thread)."""
         prefix_stats = self.prefixes.stats
+        cache_stats = self.block_cache.stats
         return EngineStats(
             waiting=len(self.scheduler.waiting),
             running=len(self.scheduler.running),
@@ -292,6 +325,11 @@ class LLMEngine:
             prefix_materializations=prefix_stats.materializations,
             prefix_evictions=prefix_stats.evictions,
             preemptions=self.scheduler.num_preemptions,
+            prefix_cache_queries=cache_stats.queries,
+            prefix_cache_hits=cache_stats.hits,
+            cached_blocks=self.block_cache.num_cached,
+            cached_blocks_idle=len(self.block_cache.idle),
+            prefix_cache_evictions=cache_stats.evictions,
         )
 
     def describe(self) -> EngineDescription:
@@ -371,4 +409,5 @@ class LLMEngine:
             logprobs=ListPrefix(request.logprobs) if request.params.logprobs is not None else None,
             num_prompt_tokens=request.num_prompt_tokens,
             num_prefix_tokens=request.num_prefix_tokens,
+            num_cached_tokens=request.num_cached_tokens or 0,
         )

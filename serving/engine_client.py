@@ -45,9 +45,13 @@ class EngineClient(Protocol):
         request_id: str | None = None,
         adapter: str | None = None,
         tenant: str = "",
+        cache_salt: str | None = None,
+        share_cache: bool = False,
     ) -> AsyncIterator[RequestOutput]:
         """The request's outputs as tokens arrive; the last one has ``finished``. Raises
-        ``ValueError`` for invalid input, ``QueueFullError``, ``EngineDeadError``."""
+        ``ValueError`` for invalid input, ``QueueFullError``, ``EngineDeadError``.
+        ``cache_salt`` and ``share_cache``: who may share its cached blocks
+        (``LLMEngine.add_request``)."""
         ...
 
     async def load_adapter(

@@ -45,13 +45,15 @@ class LLM:
         *,
         adapter: str | Sequence[str | None] | None = None,
         use_tqdm: bool = True,
+        cache_salt: str | None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt, batched by the engine; one output per prompt, in order.
 
         ``prompts``: a string (tokenized as given, no special tokens added), a list of token ids,
         or a list of either. ``params``: one ``SamplingParams`` for all or one per prompt.
         ``adapter``: a loaded adapter's name for all prompts, or one name (or None) per prompt;
-        requests of different adapters share every step.
+        requests of different adapters share every step. ``cache_salt``: these requests reuse
+        only cached KV blocks of requests with the same salt (and leave theirs to those).
         """
         batch = self._as_batch(prompts)
         per_prompt = self._per_prompt(params, len(batch))
@@ -59,7 +61,7 @@ class LLM:
         ids: list[str] = []
         try:
             for prompt, p, name in zip(batch, per_prompt, adapters):
-                ids.append(self.engine.add_request(prompt, p, adapter=name))
+                ids.append(self.engine.add_request(prompt, p, adapter=name, cache_salt=cache_salt))
             return self._run(ids, use_tqdm)
         except BaseException:
             for request_id in ids:
@@ -73,6 +75,7 @@ class LLM:
         *,
         adapter: str | Sequence[str | None] | None = None,
         use_tqdm: bool = True,
+        cache_salt: str | None = None,
     ) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation or a list of them, then generate."""
         batch = (

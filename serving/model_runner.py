@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import chain
+from itertools import chain, pairwise
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -117,43 +118,60 @@ class ModelRunner:
 
     def prepare(self, scheduled: SchedulerOutput) -> ModelInput:
         """Build the packed inputs and attention metadata of one step with array operations
-        (one pass over the requests to read their state), then copy them to the device."""
+        (one pass over the requests to read their state), then copy them to the device.
+
+        Requests that start with the same cached blocks (:func:`shared_runs`) read them as one
+        more shared prefix: the attention backends then read them once per group, as they do
+        an adapter's prefix."""
         requests, bs = scheduled.requests, self.block_size
         num = len(requests)
         q_lens = np.asarray(scheduled.num_new_tokens, dtype=np.int64)
         starts = np.fromiter((r.num_computed_tokens for r in requests), np.int64, num)
         ends = starts + q_lens
-        prefix_rows: dict[Prefix, int] = {}
-        prefix_index = np.fromiter(
-            (
-                -1 if r.prefix is None else prefix_rows.setdefault(r.prefix, len(prefix_rows))
-                for r in requests
-            ),
-            np.int32,
-            num,
-        )
-        prefix_lens = np.fromiter((p.num_tokens for p in prefix_rows), np.int32, len(prefix_rows))
         cu_q = np.zeros(num + 1, dtype=np.int64)
         np.cumsum(q_lens, out=cu_q[1:])
         # Per token: its request, its own index, its position, the slot its K/V go to.
         token_request = np.repeat(np.arange(num), q_lens)
         own = np.arange(cu_q[-1]) - (cu_q[:-1] - starts)[token_request]
-        positions = own
-        if len(prefix_lens):
-            request_prefix = np.where(prefix_index >= 0, prefix_lens[prefix_index.clip(0)], 0)
-            positions = own + request_prefix[token_request]
+        adapter_lens = np.fromiter((r.num_prefix_tokens for r in requests), np.int64, num)
+        positions = own + adapter_lens[token_request]
         block_tables = _pad_tables([r.block_ids for r in requests])
         slots = block_tables[token_request, own // bs].astype(np.int64) * bs + own % bs
         ids = list(chain.from_iterable(r.token_ids[s:e] for r, s, e in zip(requests, starts, ends)))
         samples = np.flatnonzero(ends == np.fromiter((r.num_tokens for r in requests), np.int64))
+
+        # What each request reads as its prefix: its adapter's, plus the cached blocks it
+        # shares with others of this step (where the adapter's prefix ends on a block edge).
+        runs = shared_runs(requests, bs)
+        rows: dict[tuple[Prefix | None, tuple[int, ...]], int] = {}
+        row_tables: list[list[int]] = []
+        prefix_index = np.full(num, -1, dtype=np.int32)
+        skipped = np.zeros(num, dtype=np.int64)
+        for i, r in enumerate(requests):
+            run = runs[i]
+            key = (r.prefix, tuple(r.block_ids[:run]))
+            if r.prefix is None and not run:
+                continue
+            row = rows.get(key)
+            if row is None:
+                row = rows[key] = len(rows)
+                row_tables.append([*(r.prefix.block_ids if r.prefix else ()), *key[1]])
+            prefix_index[i] = row
+            skipped[i] = run * bs
+        prefix_lens = np.fromiter(
+            ((p.num_tokens if p else 0) + len(run) * bs for p, run in rows), np.int32, len(rows)
+        )
+        own_tables = block_tables
+        if skipped.any():
+            own_tables = _pad_tables([r.block_ids[n // bs :] for r, n in zip(requests, skipped)])
         meta = AttentionMetadata(
             cu_q_lens=torch.from_numpy(cu_q.astype(np.int32)),
-            own_lens=torch.from_numpy(ends.astype(np.int32)),
-            block_tables=torch.from_numpy(block_tables),
+            own_lens=torch.from_numpy((ends - skipped).astype(np.int32)),
+            block_tables=torch.from_numpy(own_tables),
             slot_mapping=torch.from_numpy(slots),
             prefix_index=torch.from_numpy(prefix_index),
             prefix_lens=torch.from_numpy(prefix_lens),
-            prefix_block_tables=torch.from_numpy(_pad_tables([p.block_ids for p in prefix_rows])),
+            prefix_block_tables=torch.from_numpy(_pad_tables(row_tables)),
             block_size=bs,
             max_q_len=int(q_lens.max()),
         )
@@ -391,6 +409,42 @@ def _first_line(error: BaseException, limit: int = 400) -> str:
     lines = str(error).strip().splitlines()
     text = f"{type(error).__name__}: {lines[0] if lines else ''}"
     return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def shared_runs(requests: Sequence[Request], block_size: int) -> list[int]:
+    """Per request, how many of its leading blocks it shares with another request of the step:
+    the longest such run, counting only blocks computed before the step (cached blocks, which
+    nobody writes) and only behind a prefix that ends on a block edge (the run then continues
+    the prefix's table). Requests that share nothing get 0.
+
+    Candidates are found by first block (O(requests) when nothing is shared); within a group,
+    sorting the tables puts each request next to those it shares most with."""
+    runs = [0] * len(requests)
+    by_first: dict[tuple[Prefix | None, int], list[int]] = {}
+    for i, r in enumerate(requests):
+        if r.num_computed_tokens >= block_size and r.num_prefix_tokens % block_size == 0:
+            by_first.setdefault((r.prefix, r.block_ids[0]), []).append(i)
+    for members in by_first.values():
+        if len(members) < 2:
+            continue
+        tables = sorted(
+            (requests[i].block_ids[: requests[i].num_computed_tokens // block_size], i)
+            for i in members
+        )
+        for (a, i), (b, j) in pairwise(tables):
+            common = _common_length(a, b)
+            runs[i] = max(runs[i], common)
+            runs[j] = max(runs[j], common)
+    return runs
+
+
+def _common_length(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _pad_tables(tables: list[list[int]]) -> np.ndarray:

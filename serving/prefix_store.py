@@ -5,11 +5,16 @@ it is accepted until it ends (``requests``); running requests also pin it (``use
 prefix stays resident until the pool needs blocks, then the least recently used is evicted; the
 adapter's host copy stays, so an evicted prefix is materialized again on its next use. Unloading
 an adapter that requests still hold takes effect when the last of them ends.
+
+The pool has one eviction policy, here (:meth:`PrefixStore.make_room`): idle adapter prefixes and
+idle cached blocks of requests' own tokens (:mod:`~prefixserve.block_cache`) are evicted together,
+least recently used first, before the scheduler preempts anyone.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections import deque
 from dataclasses import dataclass, field
 
 from .adapters import (
@@ -18,6 +23,7 @@ from .adapters import (
     AdapterNameTakenError,
     AdapterNotFoundError,
 )
+from .block_cache import BlockCache
 from .kv_cache import BlockAllocator, blocks_for
 from .text import shorten
 from .types import AdapterInfo
@@ -26,6 +32,9 @@ from .types import AdapterInfo
 @dataclass(slots=True, eq=False)
 class Prefix:
     adapter: Adapter
+    serial: int
+    """Which load of the adapter this is: with its name, the root of its requests' cached
+    blocks (a reloaded adapter never reuses the old one's)."""
     block_ids: list[int] = field(default_factory=list)
     """Shared blocks holding the prefix K/V; empty while not resident."""
     filled: int = 0
@@ -35,6 +44,7 @@ class Prefix:
     users: int = 0
     """Running requests reading this prefix (it cannot be evicted while > 0)."""
     last_used: int = 0
+    """When it was last pinned or let go (the pool's LRU clock)."""
     unloading: bool = False
 
     @property
@@ -67,13 +77,17 @@ class PrefixStats:
 class PrefixStore:
     """Owns every loaded adapter's prefix and its blocks in the shared pool."""
 
-    def __init__(self, allocator: BlockAllocator, block_size: int, bytes_per_block: int) -> None:
+    def __init__(
+        self, allocator: BlockAllocator, block_size: int, bytes_per_block: int, cache: BlockCache
+    ) -> None:
         self.allocator = allocator
         self.block_size = block_size
         self.bytes_per_block = bytes_per_block
+        self.cache = cache
+        """The cached blocks of requests' own tokens, evicted in the same LRU as prefixes."""
         self.prefixes: dict[str, Prefix] = {}
         self.stats = PrefixStats()
-        self._clock = itertools.count(1)
+        self._serials = itertools.count(1)
 
     def add(self, adapter: Adapter) -> Prefix:
         self.check_name_free(adapter.name)
@@ -83,7 +97,7 @@ class PrefixStore:
                 f"adapter {adapter.name!r}: its {adapter.num_tokens} tokens need {blocks} KV "
                 f"blocks but the pool has {self.allocator.num_blocks}"
             )
-        prefix = Prefix(adapter)
+        prefix = Prefix(adapter, serial=next(self._serials))
         self.prefixes[adapter.name] = prefix
         return prefix
 
@@ -160,30 +174,41 @@ class PrefixStore:
         elif prefix.materialized:
             self.stats.hits += 1
         prefix.users += 1
-        prefix.last_used = next(self._clock)
+        prefix.last_used = self.cache.tick()
         return True
 
     def release(self, prefix: Prefix) -> None:
         """Unpin ``prefix`` for one request (it stays resident until evicted)."""
         assert prefix.users > 0, f"prefix {prefix.name!r} released more often than acquired"
         prefix.users -= 1
+        prefix.last_used = self.cache.tick()
 
     def make_room(self, num_blocks: int, keep: Prefix | None = None) -> bool:
-        """Evict unused resident prefixes, least recently used first, until ``num_blocks``
-        blocks are free. False if that is impossible."""
+        """Evict what nobody uses (resident prefixes without users, idle cached blocks), least
+        recently used first, until ``num_blocks`` blocks are free. False, evicting nothing, if
+        even that would not be enough."""
         if self.allocator.num_free >= num_blocks:
             return True
-        idle = sorted(
-            (p for p in self.prefixes.values() if p.resident and p.users == 0 and p is not keep),
-            key=lambda p: p.last_used,
+        idle = deque(
+            sorted(
+                (
+                    p
+                    for p in self.prefixes.values()
+                    if p.resident and p.users == 0 and p is not keep
+                ),
+                key=lambda p: p.last_used,
+            )
         )
-        if self.allocator.num_free + sum(len(p.block_ids) for p in idle) < num_blocks:
-            return False  # evicting would not be enough: keep the prefixes
-        for prefix in idle:
-            self._evict(prefix)
-            if self.allocator.num_free >= num_blocks:
-                return True
-        return False
+        evictable = sum(len(p.block_ids) for p in idle) + len(self.cache.idle)
+        if self.allocator.num_free + evictable < num_blocks:
+            return False
+        while self.allocator.num_free < num_blocks:
+            oldest_block = self.cache.oldest_idle()
+            if idle and (oldest_block is None or idle[0].last_used < oldest_block):
+                self._evict(idle.popleft())
+            else:
+                self.cache.evict_oldest()
+        return True
 
     @property
     def resident_blocks(self) -> int:

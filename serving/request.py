@@ -58,6 +58,15 @@ class Request:
     block_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     logprobs: list[TokenLogprobs] = field(default_factory=list)
+    cache_root: bytes | None = None
+    """Root of its blocks' hashes (:func:`~prefixserve.block_cache.cache_root`): who may share
+    its cached blocks; None = it neither reads nor leaves cached blocks."""
+    block_hashes: list[bytes] = field(default_factory=list)
+    """Hashes of its first full blocks of tokens (extended as needed, never recomputed)."""
+    num_offered_blocks: int = 0
+    """Leading blocks of ``block_ids`` taken from the cache or offered to it once computed."""
+    num_cached_tokens: int | None = None
+    """Tokens its first admission found cached (not computed); None before it."""
 
     @property
     def num_tokens(self) -> int:
@@ -149,3 +158,5 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_prefix_tokens: int = 0
     """Tokens of the adapter's prefix in front of the prompt (0 without an adapter)."""
+    num_cached_tokens: int = 0
+    """Prompt tokens whose K/V were found in the prefix cache, not computed (vLLM's field)."""

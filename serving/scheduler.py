@@ -16,6 +16,11 @@ Many tenants share the engine, so no request may hold the others up:
   requests of that adapter wait for it without blocking the queue behind them.
 A request is admitted only when blocks exist for its prefix (shared, filled once) and its first
 chunk.
+
+With prefix caching (:mod:`~prefixserve.block_cache`), an admitted request first takes the cached
+blocks of its leading tokens and computes only the rest; every full block it computes is offered
+to the cache after its step; its blocks are released, not freed, when it ends or is preempted (a
+preempted request finds its own blocks again when it resumes, unless they were evicted).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+from .block_cache import BlockHash, block_hash
 from .config import SchedulerConfig
 from .kv_cache import BlockAllocator, blocks_for
 from .prefix_store import Prefix, PrefixStore
@@ -78,6 +84,7 @@ class Scheduler:
         self.config = config
         self.allocator = allocator
         self.prefix_store = prefix_store
+        self.cache = prefix_store.cache
         self.block_size = block_size
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -115,29 +122,47 @@ class Scheduler:
 
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
         """Admit waiting requests fairly across tenants while budget, slots and blocks last;
-        schedule fills of the prefixes they wait for."""
+        schedule fills of the prefixes they wait for.
+
+        A waiting request pins its prefix only while the prefix is being filled: once it is
+        filled, the pin is dropped until the request is admitted (its prefix may then be
+        evicted, and filled again), and when a request finds no room every waiting request's
+        pin is dropped. Otherwise prefixes pinned by requests that cannot run yet could keep
+        the pool from the request at the head of the queue, or force preemptions, forever."""
+        blocked = self._admit_in_order(out, budget)
+        for request in self.waiting:
+            prefix = request.prefix
+            if request.prefix_pinned and (blocked or prefix is None or prefix.materialized):
+                self._unpin_prefix(request)
+
+    def _admit_in_order(self, out: SchedulerOutput, budget: int) -> bool:
+        """The admission loop of :meth:`_admit`; True if it stopped for want of blocks."""
         filling: set[Prefix] = set()
         for request in self._admission_order():
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
-                return
+                return False
             if not self._pin_prefix(request):
-                return  # no room for its prefix now: later arrivals must not overtake it
+                return True  # no room for its prefix now: later arrivals must not overtake it
             prefix = request.prefix
             if prefix is not None and not prefix.materialized:
                 if prefix not in filling:  # one fill chunk per prefix and step
                     filling.add(prefix)
                     budget -= self._fill(out, prefix, budget)
                 continue  # waits, pinning its prefix, until the prefix is filled
+            hits = self._take_cached(request)
             n = self._chunk(request, budget)
             if not self._allocate(request, n):
+                self._release_blocks(request)  # the cached ones too: taken again next time
                 self._unpin_prefix(request)
-                return
+                return True
+            self._count_lookup(request, hits)
             self.waiting.remove(request)
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             out.requests.append(request)
             out.num_new_tokens.append(n)
             budget -= n
+        return False
 
     def _admission_order(self) -> Iterator[Request]:
         """Waiting requests, each time from the tenant with the fewest running requests (ties:
@@ -179,6 +204,7 @@ class Scheduler:
         The one place where a step changes request and prefix state."""
         for request, n in zip(scheduled.requests, scheduled.num_new_tokens):
             request.num_computed_tokens += n
+            self._offer_blocks(request)
         for fill in scheduled.fills:
             if fill.prefix.resident:  # not dropped meanwhile
                 fill.prefix.filled = fill.start + fill.num_tokens
@@ -253,15 +279,66 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         self._free(request)
-        request.num_computed_tokens = 0
         request.status = RequestStatus.WAITING
         self.waiting.appendleft(request)
         self.num_preemptions += 1
 
     def _free(self, request: Request) -> None:
-        self.allocator.free(request.block_ids)
-        request.block_ids = []
+        self._release_blocks(request)
         self._unpin_prefix(request)
+
+    def _release_blocks(self, request: Request) -> None:
+        """Give back the request's blocks (cached ones stay cached) and forget its progress."""
+        self.cache.release(request.block_ids)
+        request.block_ids = []
+        request.num_offered_blocks = 0
+        request.num_computed_tokens = 0
+
+    # -- prefix caching ---------------------------------------------------------------------
+
+    def _hashes(self, request: Request, num_blocks: int) -> list[BlockHash]:
+        """The hashes of the request's first ``num_blocks`` full blocks (computed once)."""
+        hashes, bs = request.block_hashes, self.block_size
+        assert request.cache_root is not None
+        parent = hashes[-1] if hashes else request.cache_root
+        for i in range(len(hashes), num_blocks):
+            parent = block_hash(parent, request.token_ids[i * bs : (i + 1) * bs])
+            hashes.append(parent)
+        return hashes
+
+    def _take_cached(self, request: Request) -> int:
+        """A request about to be admitted takes the cached blocks of its leading tokens (all
+        but the last token's: that one is always computed, so no cached block is written);
+        returns how many."""
+        if request.cache_root is None:
+            return 0
+        assert not request.block_ids and request.num_computed_tokens == 0
+        usable = (request.num_tokens - 1) // self.block_size
+        blocks = self.cache.lookup(self._hashes(request, usable)[:usable])
+        self.cache.take(blocks)
+        request.block_ids = blocks
+        request.num_offered_blocks = len(blocks)
+        request.num_computed_tokens = len(blocks) * self.block_size
+        return len(blocks)
+
+    def _count_lookup(self, request: Request, hits: int) -> None:
+        if request.cache_root is None:
+            return
+        stats = self.cache.stats
+        stats.queries += request.num_tokens
+        stats.hits += hits * self.block_size
+        if request.num_cached_tokens is None:  # a resumed request keeps its first count
+            request.num_cached_tokens = hits * self.block_size
+
+    def _offer_blocks(self, request: Request) -> None:
+        """Cache the blocks the request filled in the step that ran (full and computed)."""
+        full = request.num_computed_tokens // self.block_size
+        if request.cache_root is None or full <= request.num_offered_blocks:
+            return
+        hashes = self._hashes(request, full)
+        for i in range(request.num_offered_blocks, full):
+            self.cache.register(request.block_ids[i], hashes[i])
+        request.num_offered_blocks = full
 
     def _pin_prefix(self, request: Request) -> bool:
         if request.prefix is None or request.prefix_pinned:

@@ -52,10 +52,12 @@ def test_eviction_and_rematerialization_keep_outputs(adapters):
     stats = tight.engine.prefixes.stats
     assert stats.evictions > 0 and stats.materializations > len(KINDS)
     engine = tight.engine
-    assert engine.allocator.num_used == engine.prefixes.resident_blocks  # only idle prefixes
+    assert engine.allocator.num_used == engine.prefixes.resident_blocks + len(
+        engine.block_cache.idle
+    )
     for name in KINDS:
         assert tight.unload_adapter(name)
-    assert engine.allocator.num_free == engine.allocator.num_blocks
+    assert engine.allocator.num_used == len(engine.block_cache.idle)
 
 
 def test_unloading_in_use_waits_for_last_request(adapters):
@@ -71,7 +73,7 @@ def test_unloading_in_use_waits_for_last_request(adapters):
     while engine.has_unfinished_requests():
         engine.step()
     assert rid not in engine.requests and llm.list_adapters() == []
-    assert engine.allocator.num_free == engine.allocator.num_blocks
+    assert engine.allocator.num_used == len(engine.block_cache.idle)
     with pytest.raises(AdapterError, match="not loaded"):
         engine.add_request(PROMPTS[1], SamplingParams(), adapter="prefix_tuning")
 
@@ -180,7 +182,9 @@ def test_invalid_adapter_fails_alone(case, adapters, serving_llm, tmp_path):
     after = serving_llm.generate([PROMPTS[0]], SamplingParams(max_new_tokens=4), adapter="good")
     assert after[0].token_ids == before[0].token_ids
     engine = serving_llm.engine
-    assert engine.allocator.num_used == engine.prefixes.resident_blocks
+    assert engine.allocator.num_used == engine.prefixes.resident_blocks + len(
+        engine.block_cache.idle
+    )
 
 
 def test_other_adapter_errors(serving_llm, adapters, tmp_path):

@@ -64,7 +64,9 @@ def test_mixed_batch_equals_each_alone(setup):
     )
     for (name, i), out in zip(batch, outputs):
         assert out.token_ids == expected[name][i], name
-    assert llm.engine.allocator.num_used == llm.engine.prefixes.resident_blocks
+    assert llm.engine.allocator.num_used == llm.engine.prefixes.resident_blocks + len(
+        llm.engine.block_cache.idle
+    )
 
 
 @pytest.mark.parametrize("n", [1, 6, 13])
@@ -77,10 +79,11 @@ def test_concurrent_requests_share_one_prefix(setup, n):
         for _ in range(n)
     ]
     engine.step()
-    own = sum(len(engine.requests[i].block_ids) for i in ids)
+    own = {b for i in ids for b in engine.requests[i].block_ids}  # cached ones are shared
     others = engine.prefixes.resident_blocks - len(prefix.block_ids)
     assert len(prefix.block_ids) == 3  # 9 tokens in blocks of 4, once
-    assert engine.allocator.num_used == own + len(prefix.block_ids) + others
+    cached = len(engine.block_cache.idle)
+    assert engine.allocator.num_used == len(own) + len(prefix.block_ids) + others + cached
     assert prefix.users == n and all(engine.allocator.in_use(b) for b in prefix.block_ids)
     while engine.has_unfinished_requests():
         engine.step()

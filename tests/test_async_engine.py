@@ -41,7 +41,7 @@ def test_concurrent_streams_equal_offline(tiny_llm):
     results = asyncio.run(main())
     for (deltas, last), want in zip(results, expected):
         assert deltas == want and last.token_ids == want and last.finished
-    assert tiny_llm.engine.allocator.num_free == tiny_llm.engine.allocator.num_blocks
+    assert tiny_llm.engine.allocator.num_used == len(tiny_llm.engine.block_cache.idle)
 
 
 def test_leaving_a_stream_aborts_and_frees(tiny_llm):
@@ -49,7 +49,10 @@ def test_leaving_a_stream_aborts_and_frees(tiny_llm):
 
     async def all_free() -> None:
         for _ in range(200):
-            if blocks.num_free == blocks.num_blocks and not tiny_llm.engine.requests:
+            if (
+                blocks.num_used == len(tiny_llm.engine.block_cache.idle)
+                and not tiny_llm.engine.requests
+            ):
                 return
             await asyncio.sleep(0.02)
         raise AssertionError(f"{blocks.num_used} blocks still used: {tiny_llm.engine.requests}")
@@ -110,7 +113,7 @@ def test_a_failed_step_fails_its_streams_only(tiny_llm, monkeypatch):
             await engine.shutdown()
 
     asyncio.run(main())
-    assert tiny_llm.engine.allocator.num_free == tiny_llm.engine.allocator.num_blocks
+    assert tiny_llm.engine.allocator.num_used == len(tiny_llm.engine.block_cache.idle)
 
 
 def test_shutdown_ends_streams_that_raced_it(tiny_llm):
@@ -130,7 +133,7 @@ def test_shutdown_ends_streams_that_raced_it(tiny_llm):
 
     asyncio.run(main())
     assert not tiny_llm.engine.requests
-    assert tiny_llm.engine.allocator.num_free == tiny_llm.engine.allocator.num_blocks
+    assert tiny_llm.engine.allocator.num_used == len(tiny_llm.engine.block_cache.idle)
 
 
 def test_bounded_queue_refuses_instead_of_growing(tiny_llm):

@@ -88,7 +88,7 @@ def test_abort_and_finish_free_every_block(tiny_llm):
     engine.abort(ids[3])
     while engine.has_unfinished_requests():
         engine.step()
-    assert engine.allocator.num_free == engine.allocator.num_blocks
+    assert engine.allocator.num_used == len(engine.block_cache.idle)
     assert not engine.requests
 
 
@@ -123,7 +123,7 @@ def test_invalid_requests_fail_alone(tiny_llm):
     with pytest.raises(ValueError, match="need 33 KV blocks but the pool has 32"):
         small = LLM(str(engine.model_path), dtype="float32", block_size=4, num_kv_blocks=32)
         small.engine.add_request([5] * 100, SamplingParams(max_new_tokens=29))
-    assert not engine.requests and engine.allocator.num_free == engine.allocator.num_blocks
+    assert not engine.requests and engine.allocator.num_used == len(engine.block_cache.idle)
     assert tiny_llm.generate([PROMPTS[0]], SamplingParams(max_new_tokens=3))[0].finish_reason
 
 
@@ -145,6 +145,6 @@ def test_failed_step_finishes_its_requests_and_the_engine_goes_on(tiny_llm, monk
         engine.step()
     assert sorted(info.value.request_ids) == sorted(ids)
     assert not engine.requests and not engine.has_unfinished_requests()
-    assert engine.allocator.num_free == engine.allocator.num_blocks
+    assert engine.allocator.num_used == len(engine.block_cache.idle)
     monkeypatch.undo()
     assert tiny_llm.generate([PROMPTS[0]], SamplingParams(max_new_tokens=3))[0].finished

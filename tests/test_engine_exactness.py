@@ -61,7 +61,7 @@ def test_tiny_architectures_equal_transformers(arch, tiny_model_dir):
     llm = LLM(str(path), dtype="float32", block_size=4, num_kv_blocks=256)
     outputs = llm.generate(prompts, SamplingParams(max_new_tokens=24))
     assert [o.token_ids for o in outputs] == expected
-    assert llm.engine.allocator.num_free == llm.engine.allocator.num_blocks
+    assert llm.engine.allocator.num_used == len(llm.engine.block_cache.idle)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_preemption_keeps_outputs(llama_reference):
     outputs = llm.generate(prompts, SamplingParams(max_new_tokens=24))
     assert llm.engine.scheduler.num_preemptions > 0
     assert [o.token_ids for o in outputs] == expected
-    assert llm.engine.allocator.num_free == 24
+    assert llm.engine.allocator.num_used == len(llm.engine.block_cache.idle)
 
 
 @pytest.mark.parametrize(("budget", "chunk"), [(6, None), (64, 5)])
@@ -107,4 +107,4 @@ def test_chunked_prefill_keeps_outputs(llama_reference, budget, chunk):
     assert [o.token_ids for o in outputs] == expected
     limit = min(budget, chunk or budget)
     assert max(chunks) <= limit < max(len(p) for p in prompts)  # long prompts were chunked
-    assert llm.engine.allocator.num_free == 256
+    assert llm.engine.allocator.num_used == len(llm.engine.block_cache.idle)

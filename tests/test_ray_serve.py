@@ -415,3 +415,18 @@ def _kill_replica(replica: str) -> None:
             ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
             return
     raise AssertionError(f"no Ray actor for replica {replica}")
+
+
+def test_a_conversation_stays_where_its_blocks_are_cached(server):
+    """Turns of one conversation (no adapter: any replica could take them) reach the replica
+    that cached the earlier turns, and find them there."""
+    with Client(server.address, KEYS["acme"]) as client:
+        for c in range(4):
+            prompt = [10 + c, 11 + c, 12 + c, *range(50, 70)]  # more than one routing block
+            replicas = set()
+            for turn in range(3):
+                out = client.generate(prompt, max_new_tokens=4, ignore_eos=True, timeout=TIMEOUT)
+                replicas.add(out.replica)
+                assert (out.usage.cached_tokens > 0) == (turn > 0), (c, turn)
+                prompt = [*prompt, *out.token_ids, 7, 8]
+            assert len(replicas) == 1, f"conversation {c} went to {replicas}"

@@ -1,6 +1,7 @@
 """Randomized runs of the engine on small pools and budgets, with requests arriving, aborting and
-adapters unloading mid-run: after every event the block and prefix accounting holds, and every
-request that finishes has the output it gets alone on a roomy pool."""
+adapters unloading mid-run, prompts repeating and extending earlier ones (prefix cache hits): after
+every event the block, prefix and cache accounting holds, and every request that finishes has the
+output it gets alone on a roomy pool without a prefix cache."""
 
 from __future__ import annotations
 
@@ -19,8 +20,21 @@ TEXTS = {
 
 
 def check_accounting(engine) -> None:
-    own = sum(len(r.block_ids) for r in engine.requests.values())
-    assert engine.allocator.num_used == own + engine.prefixes.resident_blocks
+    cache = engine.block_cache
+    held: dict[int, int] = {}
+    for r in engine.requests.values():
+        assert len(set(r.block_ids)) == len(r.block_ids)
+        for b in r.block_ids:
+            held[b] = held.get(b, 0) + 1
+    cached = set(cache._hash_of)
+    for b, n in held.items():
+        assert n == 1 or b in cached, f"block {b} shared by {n} requests but not cached"
+        if b in cached:
+            assert cache.refs(b) == n, f"cached block {b}: {cache.refs(b)} refs, {n} holders"
+    for b in cached - held.keys():
+        assert cache.refs(b) == 0 and b in cache.idle
+    assert set(cache.idle) == cached - held.keys()
+    assert engine.allocator.num_used == len(held.keys() | cached) + engine.prefixes.resident_blocks
     for prefix in engine.prefixes.prefixes.values():
         pinning = [r for r in engine.requests.values() if r.prefix is prefix and r.prefix_pinned]
         assert prefix.users == len(pinning)
@@ -35,7 +49,13 @@ def check_accounting(engine) -> None:
 
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir):
-    roomy = LLM(str(tiny_model_dir("llama")), dtype="float32", block_size=4, num_kv_blocks=512)
+    roomy = LLM(
+        str(tiny_model_dir("llama")),
+        dtype="float32",
+        block_size=4,
+        num_kv_blocks=512,
+        enable_prefix_caching=False,
+    )
     for name, text in TEXTS.items():
         roomy.load_adapter(name, text=text)
     cache: dict[tuple, list[int]] = {}
@@ -50,11 +70,13 @@ def reference(tiny_model_dir):
     return alone
 
 
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", range(6))
 def test_random_traffic_keeps_accounting_and_outputs(seed, tiny_model_dir, reference):
     rng = random.Random(seed)
+    caching = seed % 3 != 2
     llm = LLM(
         str(tiny_model_dir("llama")),
+        enable_prefix_caching=caching,
         dtype="float32",
         block_size=4,
         num_kv_blocks=rng.choice([14, 20, 30]),
@@ -66,10 +88,16 @@ def test_random_traffic_keeps_accounting_and_outputs(seed, tiny_model_dir, refer
     for name, text in TEXTS.items():
         llm.load_adapter(name, text=text)
     asked: dict[str, tuple[list[int], str | None, int]] = {}
+    earlier: list[tuple[list[int], str | None]] = []
 
     def submit(adapters: list[str | None]) -> None:
         adapter = rng.choice(adapters)
         prompt = [rng.randrange(3, 300) for _ in range(rng.randint(1, 20))]
+        if earlier and rng.random() < 0.6:  # a next turn, or the same prompt again
+            before, before_adapter = rng.choice(earlier)
+            prompt = before + prompt[: rng.choice([0, len(prompt)])]
+            adapter = before_adapter if before_adapter in adapters else adapter
+        prompt = prompt[:24]
         new = rng.randint(1, 12)
         try:
             rid = engine.add_request(
@@ -79,6 +107,7 @@ def test_random_traffic_keeps_accounting_and_outputs(seed, tiny_model_dir, refer
             check_accounting(engine)
             return
         asked[rid] = (prompt, adapter, new)
+        earlier.append((prompt, adapter))
 
     for _ in range(rng.randint(6, 14)):
         submit([None, *TEXTS])
@@ -103,4 +132,10 @@ def test_random_traffic_keeps_accounting_and_outputs(seed, tiny_model_dir, refer
     assert finished, "some requests must finish"
     for rid, tokens in finished.items():
         assert tokens == reference(*asked[rid]), rid
+    assert engine.allocator.num_used == engine.prefixes.resident_blocks + len(
+        engine.block_cache.idle
+    )
+    hits = engine.stats().prefix_cache_hits
+    assert hits > 0 if caching else hits == 0
+    engine.reset_prefix_cache()
     assert engine.allocator.num_used == engine.prefixes.resident_blocks

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from prefixserve.adapters import Adapter, AdapterKind, AdapterNameTakenError, AdapterNotFoundError
+from prefixserve.block_cache import BlockCache
 from prefixserve.config import SchedulerConfig
 from prefixserve.kv_cache import BlockAllocator, blocks_for
 from prefixserve.prefix_store import PrefixStore
@@ -34,7 +35,7 @@ def request(rid: str, tokens: int, tenant: str = "", prefix=None) -> Request:
 
 def make(blocks: int = 64, **config) -> tuple[Scheduler, PrefixStore, BlockAllocator]:
     allocator = BlockAllocator(blocks)
-    store = PrefixStore(allocator, BS, bytes_per_block=1)
+    store = PrefixStore(allocator, BS, bytes_per_block=1, cache=BlockCache(allocator, BS))
     return Scheduler(SchedulerConfig(**config), allocator, store, BS), store, allocator
 
 

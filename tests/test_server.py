@@ -58,7 +58,8 @@ def wait_until_idle(engine, timeout: float = 10.0) -> None:
     """Until no request is left and only adapter prefixes hold blocks."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not engine.requests and engine.allocator.num_used == engine.prefixes.resident_blocks:
+        kept = engine.prefixes.resident_blocks + len(engine.block_cache.idle)
+        if not engine.requests and engine.allocator.num_used == kept:
             return
         time.sleep(0.02)
     raise AssertionError(

@@ -142,7 +142,7 @@ def test_shutdown_aborts_what_outlives_the_grace_period(tiny_model_dir):
     with pytest.raises(grpc.RpcError) as info:
         list(stream)
     assert info.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
-    assert not engine.requests and engine.allocator.num_used == 0
+    assert not engine.requests and engine.allocator.num_used == len(engine.block_cache.idle)
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")

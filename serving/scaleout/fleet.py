@@ -30,6 +30,7 @@ from ..types import AdapterInfo
 from .catalog import AdapterCatalog, CheckedAdapter
 from .config import FleetConfig
 from .messages import Accepted, AdapterRef, OutputAssembler, ReplicaJob, ServedOutput
+from .router import affinity_keys
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -169,6 +170,8 @@ class ReplicaFleet:
         request_id: str | None = None,
         adapter: str | None = None,
         tenant: str = "",
+        cache_salt: str | None = None,
+        share_cache: bool = False,
     ) -> AsyncIterator[ServedOutput]:
         """Like ``AsyncEngine.generate``, on a replica that holds ``adapter``. A request whose
         replica stops before it produced output is sent again (up to ``max_attempts``); one that
@@ -179,6 +182,9 @@ class ReplicaFleet:
             request_id or f"fleet-{next(self._ids)}",
             tenant,
             self._ref(adapter) if adapter is not None else None,
+            cache_salt,
+            share_cache,
+            affinity=_affinity(prompt, tenant, adapter, cache_salt, share_cache),
         )
         with self.catalog.using(adapter):
             for attempt in range(1, self.config.max_attempts + 1):
@@ -251,3 +257,13 @@ class ReplicaFleet:
                     raise EngineDeadError(str(ReplicaLostError(None))) from None
                 logger.warning("%s: its replica stopped; calling another", method)
         raise AssertionError("unreachable")
+
+
+def _affinity(
+    prompt: Prompt, tenant: str, adapter: str | None, salt: str | None, shared: bool
+) -> tuple[str, ...]:
+    """The router's affinity keys of a prompt, scoped as the engine scopes cached blocks."""
+    if isinstance(prompt, str):
+        return ()  # the front end tokenizes every prompt; a string never reaches here
+    scope = "\x00".join(("*shared*" if shared else tenant, adapter or "", salt or ""))
+    return affinity_keys(prompt, scope)

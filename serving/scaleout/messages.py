@@ -98,6 +98,11 @@ class ReplicaJob:
     request_id: str
     tenant: str
     adapter: AdapterRef | None
+    cache_salt: str | None = None
+    share_cache: bool = False
+    affinity: tuple[str, ...] = ()
+    """Hashes of its leading tokens in its cache scope (``router.affinity_keys``): the router
+    sends it where requests with the same keys went, to find their cached blocks."""
 
 
 @dataclass(frozen=True, slots=True)

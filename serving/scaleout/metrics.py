@@ -22,12 +22,15 @@ GAUGES = (
     ("kv_blocks_used", "kv_blocks_used", "KV blocks in use (requests and adapter prefixes)"),
     ("kv_blocks_total", "kv_blocks_total", "KV blocks in the pool"),
     ("adapters_loaded", "adapters_loaded", "Adapters loaded in the engine"),
+    ("prefix_cache_blocks", "cached_blocks", "KV blocks held in the prefix cache"),
 )
 COUNTERS = (
     ("generated_tokens", "generated_tokens", "Output tokens generated"),
     ("prefix_hits", "prefix_hits", "Requests that found their adapter prefix resident"),
     ("prefix_materializations", "prefix_materializations", "Adapter prefixes computed"),
     ("prefix_evictions", "prefix_evictions", "Adapter prefixes evicted from the pool"),
+    ("prefix_cache_queries", "prefix_cache_queries", "Prompt tokens looked up in the cache"),
+    ("prefix_cache_hits", "prefix_cache_hits", "Prompt tokens found in the prefix cache"),
 )
 
 

@@ -118,7 +118,13 @@ class EngineReplica:
         name = adapter.engine_name if adapter is not None else None
         yield Accepted(self.name, self.engine.stats())
         outputs = self.engine.generate(
-            job.prompt, job.params, job.request_id, adapter=name, tenant=job.tenant
+            job.prompt,
+            job.params,
+            job.request_id,
+            adapter=name,
+            tenant=job.tenant,
+            cache_salt=job.cache_salt,
+            share_cache=job.share_cache,
         )
         # Closed with this stream, so that a cancelled stream aborts the request at once.
         async with contextlib.aclosing(

@@ -53,6 +53,7 @@ class PrefixServer:
             metrics=ServerMetrics(lambda: self.state.engine.stats() if self.state.engine else None),
             max_upload_bytes=config.max_upload_bytes,
             quota=config.quota,
+            share_public_prefix_cache=config.share_public_prefix_cache,
         )
         self.health = health.aio.HealthServicer()
         self.port = 0

@@ -96,6 +96,10 @@ class ServerConfig:
     """What one tenant may hold: adapters, adapter bytes, waiting requests."""
     shutdown_grace: float = 10.0
     """Seconds in-flight requests get to finish on shutdown before they are aborted."""
+    share_public_prefix_cache: bool = False
+    """Let requests of public adapters (loaded by an admin for everyone) share cached KV blocks
+    across tenants. Off: each tenant's cached blocks are its own, so that the time to a first
+    token reveals nothing about other tenants' prompts."""
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):

@@ -58,8 +58,25 @@ class EngineCollector(Collector):
             ("running_requests", "Requests in the running batch", stats.running),
             (
                 "kv_blocks_used",
-                "KV blocks in use (requests and adapter prefixes)",
+                "KV blocks in use (requests, adapter prefixes and the prefix cache)",
                 stats.kv_blocks_used,
+            ),
+            (
+                "prefix_cache_blocks",
+                "KV blocks of requests' tokens held in the prefix cache (in use or idle)",
+                stats.cached_blocks,
+            ),
+            (
+                "prefix_cache_blocks_idle",
+                "Cached KV blocks no running request reads (evicted first for room)",
+                stats.cached_blocks_idle,
+            ),
+            (
+                "prefix_cache_hit_rate",
+                "Share of looked-up prompt tokens found in the prefix cache since start",
+                stats.prefix_cache_hits / stats.prefix_cache_queries
+                if stats.prefix_cache_queries
+                else 0.0,
             ),
             ("kv_blocks_total", "KV blocks in the pool", stats.kv_blocks_total),
             ("prefix_blocks_resident", "KV blocks holding adapter prefixes", stats.prefix_blocks),
@@ -83,6 +100,21 @@ class EngineCollector(Collector):
             ),
             ("prefix_evictions", "Adapter prefixes evicted from the pool", stats.prefix_evictions),
             ("preemptions", "Requests preempted for KV blocks", stats.preemptions),
+            (
+                "prefix_cache_queries",
+                "Prompt tokens looked up in the prefix cache",
+                stats.prefix_cache_queries,
+            ),
+            (
+                "prefix_cache_hits",
+                "Prompt tokens found in the prefix cache (not computed)",
+                stats.prefix_cache_hits,
+            ),
+            (
+                "prefix_cache_evictions",
+                "Cached KV blocks evicted for room",
+                stats.prefix_cache_evictions,
+            ),
         ]
         for name, doc, value in counters:
             yield CounterMetricFamily(f"prefixserve_{name}", doc, value=value)

@@ -80,6 +80,7 @@ def usage(out: RequestOutput) -> pb.Usage:
         prompt_tokens=out.num_prompt_tokens,
         completion_tokens=len(out.token_ids),
         adapter_tokens=out.num_prefix_tokens,
+        cached_tokens=out.num_cached_tokens,
     )
 
 

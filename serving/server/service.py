@@ -48,6 +48,8 @@ class ServingState:
     model_info: pb.ModelInfo = field(default_factory=pb.ModelInfo)
     adapter_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     """Serializes adapter loads and unloads."""
+    share_public_prefix_cache: bool = False
+    """Whether requests of public adapters share cached blocks across tenants."""
 
     def ready(self) -> EngineClient:
         if self.engine is None:
@@ -152,7 +154,17 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         tracker = self.state.metrics.track(name, tenant.name)
         outcome = "error"
         try:
-            outputs = engine.generate(prompt, params, request_id, adapter=name, tenant=tenant.name)
+            outputs = engine.generate(
+                prompt,
+                params,
+                request_id,
+                adapter=name,
+                tenant=tenant.name,
+                cache_salt=request.cache_salt if request.HasField("cache_salt") else None,
+                share_cache=self.state.share_public_prefix_cache
+                and adapter is not None
+                and adapter.owner is None,
+            )
             async for out in outputs:
                 tracker.on_output(out)
                 if out.finished:
