@@ -15,8 +15,10 @@ another's blocks.
 
 Life of a block (one owner of this state: :class:`BlockCache`):
 
-* a request writes its block, the step runs, the block is full: the request **registers** it
-  (reference count 1, the request's own);
+* a step is scheduled that fills a block of a request: the request **registers** it (reference
+  count 1, the request's own), so that requests admitted later in the same step take it too
+  (each layer writes the step's K/V before anyone reads them); a step that fails **forgets** the
+  blocks it registered;
 * a new request with the same root and leading tokens **takes** it (count + 1) and computes only
   the rest; it never writes into it (the last prompt token is always computed, in a later block);
 * a request that ends or is preempted **releases** its blocks: private ones go back to the
@@ -164,11 +166,22 @@ class BlockCache:
 
     def evict_oldest(self) -> None:
         """Evict the least recently used idle block (its hash forgotten, the block freed)."""
-        block, _ = self.idle.popitem(last=False)
+        self._drop(next(iter(self.idle)))
+        self.stats.evictions += 1
+
+    def forget(self, blocks: Iterable[int]) -> None:
+        """Drop ``blocks``, cached as a step that then failed was scheduled (their K/V may be
+        half written), once every request of that step has let them go (all idle by then)."""
+        for block in blocks:
+            if block in self._hash_of:
+                assert self._refs[block] == 0, f"block {block} of a failed step is still held"
+                self._drop(block)
+
+    def _drop(self, block: int) -> None:
+        del self.idle[block]
         del self._by_hash[self._hash_of.pop(block)]
         del self._refs[block]
         self.allocator.free([block])
-        self.stats.evictions += 1
 
     def clear_idle(self) -> int:
         """Evict every idle block; returns how many (``reset_prefix_cache``)."""

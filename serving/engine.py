@@ -386,6 +386,7 @@ class LLMEngine:
             for request in failed:
                 self.scheduler.finish(request, FinishReason.ERROR)
                 del self.requests[request.request_id]
+            self.block_cache.forget(scheduled.new_cached_blocks)  # never written in full
             raise StepError([r.request_id for r in failed], e) from e
         updates = self.scheduler.update(scheduled, sampling, sampled.token_ids, sampled.logprobs)
         self.num_generated_tokens += len(updates)

@@ -18,9 +18,12 @@ A request is admitted only when blocks exist for its prefix (shared, filled once
 chunk.
 
 With prefix caching (:mod:`~prefixserve.block_cache`), an admitted request first takes the cached
-blocks of its leading tokens and computes only the rest; every full block it computes is offered
-to the cache after its step; its blocks are released, not freed, when it ends or is preempted (a
-preempted request finds its own blocks again when it resumes, unless they were evicted).
+blocks of its leading tokens and computes only the rest. Each block a step will fill is cached as
+the step is scheduled, so that requests admitted later in the same step take it too: every layer
+writes the step's K/V before any request of the step reads them, so a prompt that many requests
+of one step share is computed once (if the step fails, those blocks are forgotten). A request's
+blocks are released, not freed, when it ends or is preempted (a preempted request finds its own
+blocks again when it resumes, unless they were evicted).
 """
 
 from __future__ import annotations
@@ -65,6 +68,8 @@ class SchedulerOutput:
     preempted: list[Request] = field(default_factory=list)
     fills: list[PrefixFill] = field(default_factory=list)
     """Chunks of adapter prefixes to fill before the forward pass (no request reads them yet)."""
+    new_cached_blocks: list[int] = field(default_factory=list)
+    """Blocks cached as this step was scheduled, written by it: to forget if it fails."""
 
     @property
     def is_empty(self) -> bool:
@@ -107,7 +112,7 @@ class Scheduler:
             if n < 1:  # a prefill leaves the rest of the budget to waiting requests
                 i += 1
                 continue
-            if self._allocate(request, n):
+            if self._allocate(request, n, out):
                 out.requests.append(request)
                 out.num_new_tokens.append(n)
                 budget -= n
@@ -151,7 +156,7 @@ class Scheduler:
                 continue  # waits, pinning its prefix, until the prefix is filled
             hits = self._take_cached(request)
             n = self._chunk(request, budget)
-            if not self._allocate(request, n):
+            if not self._allocate(request, n, out):
                 self._release_blocks(request)  # the cached ones too: taken again next time
                 self._unpin_prefix(request)
                 return True
@@ -204,7 +209,6 @@ class Scheduler:
         The one place where a step changes request and prefix state."""
         for request, n in zip(scheduled.requests, scheduled.num_new_tokens):
             request.num_computed_tokens += n
-            self._offer_blocks(request)
         for fill in scheduled.fills:
             if fill.prefix.resident:  # not dropped meanwhile
                 fill.prefix.filled = fill.start + fill.num_tokens
@@ -264,17 +268,18 @@ class Scheduler:
             return 0
         return min(self._max_chunk(), self.config.max_num_batched_tokens // 2)
 
-    def _allocate(self, request: Request, num_new_tokens: int) -> bool:
-        """Give ``request`` the blocks its next ``num_new_tokens`` tokens need."""
+    def _allocate(self, request: Request, num_new_tokens: int, out: SchedulerOutput) -> bool:
+        """Give ``request`` the blocks its next ``num_new_tokens`` tokens need, and cache those
+        that the step fills."""
         total = request.num_computed_tokens + num_new_tokens
         needed = blocks_for(total, self.block_size) - len(request.block_ids)
-        if needed <= 0:
-            return True
-        if not self.prefix_store.make_room(needed):
-            return False
-        blocks = self.allocator.allocate(needed)
-        assert blocks is not None, "make_room guaranteed the blocks"
-        request.block_ids.extend(blocks)
+        if needed > 0:
+            if not self.prefix_store.make_room(needed):
+                return False
+            blocks = self.allocator.allocate(needed)
+            assert blocks is not None, "make_room guaranteed the blocks"
+            request.block_ids.extend(blocks)
+        self._offer_blocks(request, total, out)
         return True
 
     def _preempt(self, request: Request) -> None:
@@ -330,14 +335,16 @@ class Scheduler:
         if request.num_cached_tokens is None:  # a resumed request keeps its first count
             request.num_cached_tokens = hits * self.block_size
 
-    def _offer_blocks(self, request: Request) -> None:
-        """Cache the blocks the request filled in the step that ran (full and computed)."""
-        full = request.num_computed_tokens // self.block_size
+    def _offer_blocks(self, request: Request, num_tokens: int, out: SchedulerOutput) -> None:
+        """Cache the blocks that hold the request's first ``num_tokens`` tokens once the step
+        ran (the full ones not offered yet)."""
+        full = num_tokens // self.block_size
         if request.cache_root is None or full <= request.num_offered_blocks:
             return
         hashes = self._hashes(request, full)
         for i in range(request.num_offered_blocks, full):
-            self.cache.register(request.block_ids[i], hashes[i])
+            if self.cache.register(request.block_ids[i], hashes[i]):
+                out.new_cached_blocks.append(request.block_ids[i])
         request.num_offered_blocks = full
 
     def _pin_prefix(self, request: Request) -> bool:

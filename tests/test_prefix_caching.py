@@ -85,14 +85,21 @@ def _record_steps(llm: LLM) -> list:
     [
         {"num_kv_blocks": 256},
         {"num_kv_blocks": 256, "attention_backend": "torch"},
+        {"num_kv_blocks": 256, "attention_backend": "triton"},  # interpreted on a CPU
+        {"num_kv_blocks": 256, "grouped": "prefix_mode"},  # every shared prefix read grouped
+        {"num_kv_blocks": 256, "attention_backend": "triton", "grouped": "decode_mode"},
         {"num_kv_blocks": 256, "max_num_batched_tokens": 8, "long_prefill_token_threshold": 3},
         {"num_kv_blocks": 40},  # preemption: 10 conversations do not fit at once
     ],
-    ids=["cpu", "torch", "chunked", "preempted"],
+    ids=["cpu", "torch", "triton", "cpu-grouped", "triton-grouped", "chunked", "preempted"],
 )
 def test_multi_turn_mixed_adapters_equal_peft_and_transformers(conversations, options):
     path, paths, turns = conversations
+    options = dict(options)
+    grouped = options.pop("grouped", None)
     llm = _engine(path, paths, **options)
+    if grouped is not None:
+        setattr(llm.engine.runner.backend, grouped, "grouped")
     metas = _record_steps(llm)
     cached = []
     for turn in range(3):
@@ -235,3 +242,36 @@ class _Req:
 )
 def test_shared_runs(requests, runs):
     assert shared_runs(requests, BS) == runs
+
+
+def test_requests_of_one_step_share_the_blocks_it_writes(tiny_model_dir):
+    path = str(tiny_model_dir("llama"))
+    params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    prompt = list(range(30, 47))  # 17 tokens: four full blocks, then the last token's
+    llm = LLM(path, dtype="float32", block_size=BS, num_kv_blocks=64)
+    outs = llm.generate([prompt, prompt, [*prompt, 9]], params)  # admitted in one step
+    assert [o.num_cached_tokens for o in outs] == [0, 16, 16]
+    alone = LLM(path, dtype="float32", block_size=BS, enable_prefix_caching=False)
+    expected = alone.generate([prompt, [*prompt, 9]], params)
+    assert [o.token_ids for o in outs] == [expected[0].token_ids] * 2 + [expected[1].token_ids]
+
+
+def test_a_failed_step_leaves_no_cached_block(tiny_model_dir, monkeypatch):
+    from prefixserve.engine import StepError
+
+    llm = LLM(str(tiny_model_dir("llama")), dtype="float32", block_size=BS, num_kv_blocks=64)
+    engine = llm.engine
+    prompt = list(range(30, 47))
+    params = SamplingParams(max_new_tokens=2, ignore_eos=True)
+    for _ in range(2):
+        engine.add_request(prompt, params)
+
+    def broken(scheduled):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(engine.runner, "execute", broken)
+    with pytest.raises(StepError):
+        engine.step()
+    assert engine.block_cache.num_cached == 0 and engine.allocator.num_used == 0
+    monkeypatch.undo()
+    assert llm.generate([prompt], params)[0].num_cached_tokens == 0

@@ -165,3 +165,68 @@ def test_finishing_frees_blocks_and_lets_go_of_the_prefix():
     scheduler.finish(r, FinishReason.ABORT)
     assert prefix.users == 0 and prefix.requests == 0
     assert allocator.num_used == len(prefix.block_ids)  # only the idle, resident prefix
+
+
+# -- prefix cache ---------------------------------------------------------------------------------
+
+
+def test_a_thousand_random_requests_leave_the_pool_as_they_found_it():
+    """Requests repeating and extending each other's tokens, behind adapters or none, on a pool
+    small enough to evict and preempt, some aborted: every step, cached blocks are counted by
+    their holders; at the end only idle cached blocks and idle prefixes remain, and evicting
+    them frees the whole pool."""
+    import random
+
+    from prefixserve.block_cache import cache_root
+
+    rng = random.Random(0)
+    scheduler, store, allocator = make(blocks=20, max_num_batched_tokens=24, max_num_seqs=6)
+    cache = store.cache
+    for name, n in (("a", 5), ("b", 8)):
+        store.add(text_adapter(name, n))
+    stems = [[rng.randrange(100) for _ in range(rng.randint(1, 30))] for _ in range(12)]
+    live: list[Request] = []
+    hits = 0
+    for i in range(1000):
+        adapter = rng.choice([None, "a", "b"])
+        tokens = [*rng.choice(stems)[: rng.randint(1, 30)], *range(rng.randint(0, 6))]
+        r = request(f"r{i}", 1, rng.choice("xy"), store.attach(adapter) if adapter else None)
+        r.token_ids = tokens
+        r.num_prompt_tokens = len(tokens)
+        r.params = SamplingParams(max_new_tokens=rng.randint(1, 5))
+        prefix = r.prefix
+        r.cache_root = cache_root(prefix and (prefix.name, prefix.serial), r.tenant, None)
+        scheduler.add(r)
+        live.append(r)
+        for _ in range(rng.randint(0, 3)):
+            run(scheduler)
+            for done in [
+                q for q in scheduler.running if q.num_output_tokens >= q.params.max_new_tokens
+            ]:
+                hits += done.num_cached_tokens or 0
+                scheduler.finish(done, FinishReason.LENGTH)
+            if rng.random() < 0.05 and (pending := [q for q in live if not q.is_finished]):
+                scheduler.finish(rng.choice(pending), FinishReason.ABORT)
+            holders: dict[int, int] = {}
+            for q in scheduler.running:
+                for b in q.block_ids:
+                    holders[b] = holders.get(b, 0) + 1
+            assert all(cache.refs(b) == n for b, n in holders.items() if cache.is_cached(b))
+            assert all(n == 1 for b, n in holders.items() if not cache.is_cached(b))
+        live = [q for q in live if not q.is_finished]
+    while scheduler.has_unfinished:
+        run(scheduler)
+        for done in [
+            q for q in scheduler.running if q.num_output_tokens >= q.params.max_new_tokens
+        ]:
+            scheduler.finish(done, FinishReason.LENGTH)
+    assert hits > 0 and cache.stats.evictions > 0 and scheduler.num_preemptions > 0
+    assert (
+        allocator.num_used
+        == store.resident_blocks + len(cache.idle)
+        == store.resident_blocks + cache.num_cached
+    )
+    cache.clear_idle()
+    for name in ("a", "b"):
+        assert store.remove(name)
+    assert allocator.num_free == allocator.num_blocks
