@@ -14,6 +14,9 @@
 #   e2e.json       an 8B-shaped bf16 model (Llama-3-8B's config, random weights): eager vs
 #                  compiled vs compiled + CUDA graphs, 64 zipf adapters vs one, vs transformers
 #                  (+ e2e.log with the table). E2E_LAYERS=8 runs a shorter model when time is short.
+#   multiturn.json 32 conversations x 4 turns behind a 512-token system prompt on the default
+#                  model in bf16, prefix caching on vs off (cached blocks read in place by the
+#                  Triton kernels, shared runs grouped) (+ multiturn.log)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu}
@@ -34,3 +37,5 @@ python3 -m pytest -q -p no:cacheprovider tests/kernels tests/test_triton_backend
 python3 benchmarks/kernels/bench_attention.py --out "$OUT/kernels.json" 2>&1 | tee "$OUT/bench.log"
 python3 benchmarks/bench_gpu_e2e.py ${E2E_LAYERS:+--layers "$E2E_LAYERS"} \
   --out "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.log"
+python3 benchmarks/bench_multiturn.py --dtype bfloat16 --json "$OUT/multiturn.json" 2>&1 \
+  | tee "$OUT/multiturn.log"

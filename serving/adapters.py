@@ -38,6 +38,21 @@ class AdapterNameTakenError(AdapterError):
     """An adapter of that name is loaded (or still being unloaded)."""
 
 
+class AdapterOverBudgetError(AdapterError):
+    """An adapter would hold more bytes (host tensors and prefix KV) than its loader may add."""
+
+    def __init__(self, name: str, host_bytes: int, kv_bytes: int, budget: int) -> None:
+        super().__init__(
+            f"adapter {name!r} would hold {host_bytes + kv_bytes} bytes ({host_bytes} of host "
+            f"tensors, {kv_bytes} of prefix KV), more than the {budget} bytes allowed"
+        )
+        self.host_bytes, self.kv_bytes, self.budget = host_bytes, kv_bytes, budget
+
+    @property
+    def resident_bytes(self) -> int:
+        return self.host_bytes + self.kv_bytes
+
+
 class AdapterKind(str, enum.Enum):
     PROMPT_TUNING = "PROMPT_TUNING"
     P_TUNING = "P_TUNING"

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 from .engine import EngineDescription, EngineStats, LLMEngine, Prompt, StepError
 from .request import RequestOutput
 from .sampling_params import SamplingParams
-from .types import AdapterInfo
+from .types import LOCAL, AdapterInfo, Origin
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -66,14 +66,13 @@ class AsyncEngine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         adapter: str | None = None,
-        tenant: str = "",
-        cache_salt: str | None = None,
-        share_cache: bool = False,
+        origin: Origin = LOCAL,
     ) -> AsyncIterator[RequestOutput]:
         """Queue a request and yield its outputs as tokens arrive (the last has ``finished``).
 
-        Raises ``ValueError`` for invalid input, :class:`QueueFullError` when the queue (or
-        ``tenant``'s share of it) is full, and :class:`EngineDeadError` if the engine stopped.
+        ``origin``: who sent it (tenant, weight, priority, cache scope). Raises ``ValueError``
+        for invalid input, :class:`QueueFullError` when the queue (or the tenant's share of it)
+        is full, and :class:`EngineDeadError` if the engine stopped.
         Leaving the loop early aborts it.
         """
         request_id = request_id or f"async-{next(self._ids)}"
@@ -88,7 +87,7 @@ class AsyncEngine:
                     "retry later"
                 )
             limit = self.max_waiting_per_tenant
-            if limit is not None and (mine := self.engine.num_waiting(tenant)) >= limit:
+            if limit is not None and (mine := self.engine.num_waiting(origin.tenant)) >= limit:
                 raise QueueFullError(
                     f"{mine} of your requests are already waiting, the most one tenant may "
                     f"queue (limit {limit}, server option --max-waiting-per-tenant); retry later"
@@ -98,9 +97,7 @@ class AsyncEngine:
                 params,
                 request_id,
                 adapter=adapter,
-                tenant=tenant,
-                cache_salt=cache_salt,
-                share_cache=share_cache,
+                **origin.engine_kwargs(),  # type: ignore[arg-type]
             )
             self._streams[request_id] = (loop, stream)
 
@@ -129,11 +126,18 @@ class AsyncEngine:
         return await self._call(lambda: [self.engine.adapter_info(name) for name in names])
 
     async def load_adapter(
-        self, name: str, path: str | None = None, text: str | None = None
+        self,
+        name: str,
+        path: str | None = None,
+        text: str | None = None,
+        max_bytes: int | None = None,
     ) -> AdapterInfo:
         """Read and validate the adapter in a worker thread (reading megabytes never holds up a
-        step), then register it on the engine's thread between steps."""
+        step), then register it on the engine's thread between steps; refused
+        (``AdapterOverBudgetError``) before it is registered if it would hold more than
+        ``max_bytes``."""
         adapter = await asyncio.to_thread(self.engine.read_adapter, name, path, text)
+        self.engine.check_budget(adapter, max_bytes)
         return await self._call(lambda: self.engine.add_adapter(adapter))
 
     async def check_adapter(

@@ -205,7 +205,22 @@ class SchedulerConfig:
     prefills long prompts faster (benchmarks/bench_fairness.py); None = as much as the budget
     allows."""
 
+    scheduling_policy: str = "fair"
+    """'fair': waiting requests are admitted from the tenant that has received the least
+    service (weighted), and a tenant under its share of running slots or KV blocks preempts the
+    tenant furthest over its share; 'fcfs': one queue in arrival order, preempting the most
+    recently admitted request when blocks run out. With one tenant both schedule alike."""
+    preemption_min_steps: int = 8
+    """Steps a request runs after it is admitted before another tenant's share may preempt it
+    (keeps the pool from thrashing)."""
+
     def __post_init__(self) -> None:
+        if self.scheduling_policy not in ("fair", "fcfs"):
+            raise ValueError(
+                f"scheduling_policy must be 'fair' or 'fcfs', got {self.scheduling_policy!r}"
+            )
+        if self.preemption_min_steps < 0:
+            raise ValueError(f"preemption_min_steps must be >= 0, got {self.preemption_min_steps}")
         if self.max_num_batched_tokens < 1:
             raise ValueError(
                 f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"

@@ -9,12 +9,20 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .adapters import Adapter, AdapterError, load_peft_adapter, text_adapter
+from .adapters import (
+    Adapter,
+    AdapterError,
+    AdapterOverBudgetError,
+    load_peft_adapter,
+    text_adapter,
+)
 from .block_cache import BlockCache, cache_root
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
@@ -68,6 +76,19 @@ def _max_model_len(model: PreTrainedModel, requested: int | None) -> int:
 
 
 @dataclass(frozen=True, slots=True)
+class TenantStats:
+    tenant: str
+    weight: float
+    tokens: int
+    """Prefill and decode tokens computed for it."""
+    service: float
+    """Its fair-share counter: weighted tokens served over its weight."""
+    waiting: int
+    running: int
+    preemptions: int
+
+
+@dataclass(frozen=True, slots=True)
 class EngineStats:
     """A snapshot of the engine for monitoring, like vLLM's ``SchedulerStats``."""
 
@@ -99,6 +120,8 @@ class EngineStats:
     cached_blocks_idle: int = 0
     """Of those, blocks no running request reads (evicted first when the pool needs room)."""
     prefix_cache_evictions: int = 0
+    tenants: tuple[TenantStats, ...] = ()
+    """Per tenant the scheduler has seen: service received, requests, preemptions."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,16 +200,24 @@ class LLMEngine:
         tenant: str = "",
         cache_salt: str | None = None,
         share_cache: bool = False,
+        priority: int = 0,
+        tenant_weight: float = 1.0,
     ) -> str:
         """Validate and queue a request, optionally behind a loaded adapter's prefix; returns its
         id. ``tenant``: who sent it (the scheduler shares the engine fairly between tenants, and
         its cached blocks are its own). ``cache_salt``: reuse cached blocks only between requests
         with the same salt (one user of a tenant). ``share_cache``: share cached blocks with
-        every tenant (a server allows it for public adapters only).
+        every tenant (a server allows it for public adapters only). ``priority``: within its
+        tenant, lower runs sooner and is preempted later. ``tenant_weight``: the tenant's share
+        of the engine relative to other tenants' (fair scheduling).
         Raises ``ValueError`` on bad input (:class:`AdapterError` for adapter problems)."""
         params = params or SamplingParams()
         if cache_salt is not None and not isinstance(cache_salt, str):
             raise ValueError(f"cache_salt must be a string, got {type(cache_salt).__name__}")
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise ValueError(f"priority must be an integer, got {priority!r}")
+        if not tenant_weight > 0:
+            raise ValueError(f"tenant_weight must be > 0, got {tenant_weight!r}")
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
@@ -205,6 +236,9 @@ class LLMEngine:
             eos_token_ids=frozenset() if params.ignore_eos else self.eos_token_ids,
             prefix=self.prefixes.attach(adapter) if adapter is not None else None,
             tenant=tenant,
+            tenant_weight=tenant_weight,
+            priority=priority,
+            arrival_time=time.monotonic(),
         )
         if self.config.cache.enable_prefix_caching:
             prefix = request.prefix
@@ -269,6 +303,15 @@ class LLMEngine:
             )
         return text_adapter(name, self.tokenize(text), max_tokens)
 
+    def check_budget(self, adapter: Adapter, max_bytes: int | None) -> None:
+        """``AdapterOverBudgetError`` if ``adapter`` would hold more than ``max_bytes`` (its
+        host tensors and its prefix KV at the pool's dtype, once materialized)."""
+        if max_bytes is None:
+            return
+        kv = blocks_for(adapter.num_tokens, self.block_size) * self.prefixes.bytes_per_block
+        if adapter.host_bytes + kv > max_bytes:
+            raise AdapterOverBudgetError(adapter.name, adapter.host_bytes, kv, max_bytes)
+
     def add_adapter(self, adapter: Adapter) -> AdapterInfo:
         """Register an adapter read by :meth:`read_adapter` (engine thread)."""
         self.prefixes.add(adapter)
@@ -330,6 +373,24 @@ class LLMEngine:
             cached_blocks=self.block_cache.num_cached,
             cached_blocks_idle=len(self.block_cache.idle),
             prefix_cache_evictions=cache_stats.evictions,
+            tenants=self._tenant_stats(),
+        )
+
+    def _tenant_stats(self) -> tuple[TenantStats, ...]:
+        scheduler = self.scheduler
+        waiting = Counter(r.tenant for r in scheduler.waiting)
+        running = Counter(r.tenant for r in scheduler.running)
+        return tuple(
+            TenantStats(
+                tenant=tenant,
+                weight=account.weight,
+                tokens=account.tokens,
+                service=account.served,
+                waiting=waiting[tenant],
+                running=running[tenant],
+                preemptions=account.preemptions,
+            )
+            for tenant, account in scheduler.fair.accounts.items()
         )
 
     def describe(self) -> EngineDescription:
@@ -411,4 +472,5 @@ class LLMEngine:
             num_prompt_tokens=request.num_prompt_tokens,
             num_prefix_tokens=request.num_prefix_tokens,
             num_cached_tokens=request.num_cached_tokens or 0,
+            queue_seconds=request.queue_seconds,
         )

@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Protocol
 
+from .types import LOCAL, Origin
+
 if TYPE_CHECKING:
     from .engine import EngineDescription, EngineStats, Prompt
     from .request import RequestOutput
@@ -44,21 +46,24 @@ class EngineClient(Protocol):
         params: SamplingParams | None = None,
         request_id: str | None = None,
         adapter: str | None = None,
-        tenant: str = "",
-        cache_salt: str | None = None,
-        share_cache: bool = False,
+        origin: Origin = LOCAL,
     ) -> AsyncIterator[RequestOutput]:
-        """The request's outputs as tokens arrive; the last one has ``finished``. Raises
-        ``ValueError`` for invalid input, ``QueueFullError``, ``EngineDeadError``.
-        ``cache_salt`` and ``share_cache``: who may share its cached blocks
-        (``LLMEngine.add_request``)."""
+        """The request's outputs as tokens arrive; the last one has ``finished``. ``origin``:
+        who sent it (tenant, weight, priority, cache scope). Raises ``ValueError`` for invalid
+        input, ``QueueFullError``, ``EngineDeadError``."""
         ...
 
     async def load_adapter(
-        self, name: str, path: str | None = None, text: str | None = None
+        self,
+        name: str,
+        path: str | None = None,
+        text: str | None = None,
+        max_bytes: int | None = None,
     ) -> AdapterInfo:
         """Read, validate and register an adapter from a server-side ``path`` or ``text``
-        (raises ``AdapterError`` naming what is wrong, and then changes nothing)."""
+        (raises ``AdapterError`` naming what is wrong, and then changes nothing;
+        ``AdapterOverBudgetError`` if it would hold more than ``max_bytes`` of host tensors and
+        prefix KV)."""
         ...
 
     async def unload_adapter(self, name: str, missing_ok: bool = False) -> bool:

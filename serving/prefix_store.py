@@ -210,6 +210,12 @@ class PrefixStore:
                 self.cache.evict_oldest()
         return True
 
+    def evictable_blocks(self) -> int:
+        """Blocks :meth:`make_room` could free now: unused resident prefixes and idle cached
+        blocks."""
+        idle = sum(len(p.block_ids) for p in self.prefixes.values() if p.resident and not p.users)
+        return idle + len(self.cache.idle)
+
     @property
     def resident_blocks(self) -> int:
         return sum(len(p.block_ids) for p in self.prefixes.values())

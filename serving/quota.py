@@ -18,7 +18,8 @@ class TenantQuota:
     max_adapter_bytes: int | None = field(
         default=1 << 30, metadata=flag(name="max_adapter_mb", unit=2**20)
     )
-    """Bytes of adapter files per tenant (MiB on the command line)."""
+    """Bytes one tenant's adapters may hold in the engine: host tensors and prefix KV (MiB on
+    the command line); checked after an adapter is read, before it is registered."""
     max_waiting: int | None = 64
     """Requests of one tenant waiting for the engine at once (a server with keys only: an
     open server has one tenant, bounded by ``max_waiting`` of the server)."""

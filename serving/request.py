@@ -52,6 +52,12 @@ class Request:
     waiting for its prefix to be filled)."""
     tenant: str = ""
     """Who sent it: the scheduler admits requests of different tenants fairly."""
+    tenant_weight: float = 1.0
+    """The tenant's share relative to other tenants' (the scheduler's fair share)."""
+    priority: int = 0
+    """Within its tenant, lower runs sooner and is preempted later (vLLM's convention)."""
+    admitted_step: int = 0
+    """The scheduler step that last admitted it (a preemption for share waits a few steps)."""
     eos_token_ids: frozenset[int] = frozenset()
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0
@@ -67,6 +73,10 @@ class Request:
     """Leading blocks of ``block_ids`` taken from the cache or offered to it once computed."""
     num_cached_tokens: int | None = None
     """Tokens its first admission found cached (not computed); None before it."""
+    arrival_time: float = 0.0
+    """``time.monotonic()`` when the engine took it."""
+    queue_seconds: float | None = None
+    """From ``arrival_time`` to its first admission; None before it."""
 
     @property
     def num_tokens(self) -> int:
@@ -160,3 +170,5 @@ class RequestOutput:
     """Tokens of the adapter's prefix in front of the prompt (0 without an adapter)."""
     num_cached_tokens: int = 0
     """Prompt tokens whose K/V were found in the prefix cache, not computed (vLLM's field)."""
+    queue_seconds: float | None = None
+    """Seconds from its arrival in the engine to its first scheduled step (None before)."""

@@ -3,13 +3,20 @@
 There is no prefill or decode phase: every step, each running request's computed-token count
 catches up with its token count as far as the budget allows (a decode is one token, a prefill
 chunk at most ``long_prefill_token_threshold``), running requests first, then waiting ones.
-When blocks run out, unused adapter prefixes are evicted first; then the most recently admitted
-running request is preempted: its blocks are freed, its prefix unpinned, and it goes back to the
-front of the queue to recompute its tokens later.
+When blocks run out, unused cached blocks and adapter prefixes are evicted first; then a running
+request is preempted: its blocks are released, its prefix unpinned, and it waits again (first
+of its tenant) to recompute its tokens later.
 
-Many tenants share the engine, so no request may hold the others up:
-* waiting requests are admitted tenant by tenant, the tenant with the fewest running requests
-  first (arrival order within a tenant);
+Many tenants share the engine, so no tenant may hold the others up (``scheduling_policy="fair"``,
+the default; ``"fcfs"`` is one queue in arrival order, preempting the latest admitted):
+* waiting requests are admitted from the tenant that has received the least service, weighted
+  (:mod:`~prefixserve.fair_share`: the Virtual Token Counter); by priority, then arrival, within a
+  tenant. One tenant alone is scheduled in arrival order, as with ``fcfs``;
+* a tenant whose next request cannot run for want of slots or blocks, while it holds less than
+  its fair share of them, preempts the latest request (lowest priority first) of the tenant
+  furthest over its share; a request runs ``preemption_min_steps`` steps before that may hit it
+  again, so the pool does not thrash. When a running request needs a block and none is left,
+  the victim is likewise the latest of the tenant furthest over its share of blocks;
 * while requests wait, running prefills leave ``long_prefill_token_threshold`` tokens of the
   budget to them, so a short request starts at the next step even behind a long prompt;
 * an adapter's prefix is filled in chunks, like a prompt, as steps of their own (``fills``);
@@ -28,12 +35,14 @@ blocks again when it resumes, unless they were evicted).
 
 from __future__ import annotations
 
+import time
 from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from .block_cache import BlockHash, block_hash
 from .config import SchedulerConfig
+from .fair_share import FairShare
 from .kv_cache import BlockAllocator, blocks_for
 from .prefix_store import Prefix, PrefixStore
 from .request import FinishReason, Request, RequestStatus
@@ -94,17 +103,26 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.fair = FairShare()
+        """Each tenant's service, weight and share (one owner: this scheduler)."""
+        self.fair_policy = config.scheduling_policy == "fair"
+        self._steps = 0
 
     @property
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
     def add(self, request: Request) -> None:
+        self.fair.arrive(request.tenant, request.tenant_weight)
         self.waiting.append(request)
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
+        self._steps += 1
+        if self.fair_policy and self.waiting:
+            self._preempt_for_share(out)
         budget = self.config.max_num_batched_tokens
+        out_of_blocks = False
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
@@ -113,31 +131,123 @@ class Scheduler:
                 i += 1
                 continue
             if self._allocate(request, n, out):
-                out.requests.append(request)
-                out.num_new_tokens.append(n)
+                self._schedule(out, request, n)
                 budget -= n
                 i += 1
                 continue
-            victim = self.running.pop()
-            self._preempt(victim)
-            out.preempted.append(victim)
-        if not out.preempted:
+            out_of_blocks = True
+            victim = self._victim_for_blocks(self.running[i:])
+            self.running.remove(victim)
+            self._preempt(victim, out)
+        if not out_of_blocks:
             self._admit(out, budget)
         return out
+
+    def _schedule(self, out: SchedulerOutput, request: Request, n: int) -> None:
+        """Put ``n`` tokens of ``request`` in the step and charge its tenant for them."""
+        out.requests.append(request)
+        out.num_new_tokens.append(n)
+        decode = int(n == 1 and request.num_computed_tokens >= request.num_prompt_tokens)
+        self.fair.charge(request.tenant, n - decode, decode)
+
+    # -- shares -------------------------------------------------------------------------------
+
+    def _preempt_for_share(self, out: SchedulerOutput) -> None:
+        """If the next request to admit cannot run for want of a slot or of blocks, find the
+        first tenant in admission order that holds less than its fair share of them, and
+        preempt requests of the tenant furthest over its share until that tenant's next
+        request can run (or no request may be preempted)."""
+        seen: set[str] = set()
+        for head in self._admission_order():
+            if head.tenant in seen:
+                continue
+            seen.add(head.tenant)
+            slots = len(self.running) >= self.config.max_num_seqs
+            if not slots and self._blocks_to_admit(head) <= self._room():
+                return  # it can run: nobody needs preempting
+            total = self.config.max_num_seqs if slots else self.allocator.num_blocks
+            if self._held(slots)[head.tenant] >= self.fair.share(head.tenant, total):
+                continue  # this tenant has its share and waits its turn
+            while slots or self._blocks_to_admit(head) > self._room():
+                victim = self._victim(
+                    self._held(slots), total, exclude=head.tenant, eligible_only=True
+                )
+                if victim is None:
+                    return
+                self.running.remove(victim)
+                self._preempt(victim, out)
+                slots = len(self.running) >= self.config.max_num_seqs
+            return
+
+    def _held(self, slots: bool) -> Counter[str]:
+        """Running slots (``slots``) or own KV blocks held by each tenant's running requests."""
+        held: Counter[str] = Counter()
+        for r in self.running:
+            held[r.tenant] += 1 if slots else len(r.block_ids)
+        return held
+
+    def _victim(
+        self,
+        held: Counter[str],
+        total: int,
+        candidates: Sequence[Request] | None = None,
+        exclude: str | None = None,
+        eligible_only: bool = False,
+    ) -> Request | None:
+        """The latest (lowest priority first) of ``candidates`` (default: running) of the
+        tenant furthest over its share of ``total``; only a tenant over its share gives one up
+        for another's (``exclude``), and only a request that ran ``preemption_min_steps`` since
+        it was admitted (``eligible_only``)."""
+        pool = self.running if candidates is None else candidates
+        if eligible_only:
+            floor = self._steps - self.config.preemption_min_steps
+            pool = [r for r in pool if r.admitted_step <= floor]
+        tenants = {r.tenant for r in pool} - {exclude}
+        over = {t: held[t] / self.fair.share(t, total) for t in tenants}
+        if exclude is not None:
+            over = {t: ratio for t, ratio in over.items() if ratio > 1.0}
+        if not over:
+            return None
+        tenant = max(over, key=lambda t: (over[t], t))
+        mine = [r for r in pool if r.tenant == tenant]  # in admission order
+        return max(reversed(mine), key=lambda r: r.priority)  # the latest of the lowest priority
+
+    def _victim_for_blocks(self, unscheduled: list[Request]) -> Request:
+        """Which of the requests not yet scheduled this step (the last is the one asking) gives
+        up its blocks: the latest admitted (``fcfs``), or the latest of the tenant furthest
+        over its share of blocks."""
+        if not self.fair_policy:
+            return unscheduled[-1]
+        victim = self._victim(self._held(False), self.allocator.num_blocks, unscheduled)
+        assert victim is not None
+        return victim
+
+    def _blocks_to_admit(self, request: Request) -> int:
+        """Blocks the request's prefix (if not resident) and first chunk need (ignoring cache
+        hits: an upper bound)."""
+        prefix = request.prefix
+        need = (
+            0
+            if prefix is None or prefix.resident
+            else blocks_for(prefix.num_tokens, self.block_size)
+        )
+        return need + blocks_for(min(request.num_tokens, self._max_chunk()), self.block_size)
+
+    def _room(self) -> int:
+        """Blocks free, or free once unused cached blocks and prefixes are evicted."""
+        return self.allocator.num_free + self.prefix_store.evictable_blocks()
 
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
         """Admit waiting requests fairly across tenants while budget, slots and blocks last;
         schedule fills of the prefixes they wait for.
 
-        A waiting request pins its prefix only while the prefix is being filled: once it is
-        filled, the pin is dropped until the request is admitted (its prefix may then be
-        evicted, and filled again), and when a request finds no room every waiting request's
-        pin is dropped. Otherwise prefixes pinned by requests that cannot run yet could keep
-        the pool from the request at the head of the queue, or force preemptions, forever."""
-        blocked = self._admit_in_order(out, budget)
-        for request in self.waiting:
-            prefix = request.prefix
-            if request.prefix_pinned and (blocked or prefix is None or prefix.materialized):
+        A waiting request pins its prefix while it waits for the prefix to be filled. When a
+        request finds no room, every waiting request lets go of its pin (taking it again when
+        its turn comes; an unpinned prefix may be evicted and filled again): otherwise prefixes
+        pinned by requests that cannot run yet could keep the room from the request at the head
+        of the queue forever."""
+        if self._admit_in_order(out, budget):
+            for request in self.waiting:
                 self._unpin_prefix(request)
 
     def _admit_in_order(self, out: SchedulerOutput, budget: int) -> bool:
@@ -163,26 +273,31 @@ class Scheduler:
             self._count_lookup(request, hits)
             self.waiting.remove(request)
             request.status = RequestStatus.RUNNING
+            request.admitted_step = self._steps
+            if request.queue_seconds is None:
+                request.queue_seconds = time.monotonic() - request.arrival_time
             self.running.append(request)
-            out.requests.append(request)
-            out.num_new_tokens.append(n)
+            self._schedule(out, request, n)
             budget -= n
         return False
 
     def _admission_order(self) -> Iterator[Request]:
-        """Waiting requests, each time from the tenant with the fewest running requests (ties:
-        the tenant whose next request came first); arrival order within a tenant."""
+        """Waiting requests in the order to admit them: ``fcfs``, as they came (preempted ones
+        first); ``fair``, each time from the tenant with the lowest service counter as it is now
+        (admitting charges it; ties: the tenant whose next request is first in the queue), by
+        priority, then queue order within a tenant."""
+        if not self.fair_policy:
+            yield from list(self.waiting)
+            return
         queues: dict[str, deque[Request]] = {}
-        for request in self.waiting:
-            queues.setdefault(request.tenant, deque()).append(request)
-        running = Counter(r.tenant for r in self.running)
         order = {request: i for i, request in enumerate(self.waiting)}
+        for request in sorted(self.waiting, key=lambda r: r.priority):  # stable: queue order
+            queues.setdefault(request.tenant, deque()).append(request)
         while queues:
-            tenant = min(queues, key=lambda t: (running[t], order[queues[t][0]]))
+            tenant = min(queues, key=lambda t: (self.fair.served(t), order[queues[t][0]]))
             request = queues[tenant].popleft()
             if not queues[tenant]:
                 del queues[tenant]
-            running[tenant] += 1
             yield request
 
     def _fill(self, out: SchedulerOutput, prefix: Prefix, budget: int) -> int:
@@ -242,6 +357,8 @@ class Scheduler:
             self.running.remove(request)
         elif request.status is RequestStatus.WAITING:
             self.waiting.remove(request)
+        if request.status is not RequestStatus.FINISHED:
+            self.fair.leave(request.tenant)
         self._free(request)
         if request.prefix is not None:
             self.prefix_store.detach(request.prefix)
@@ -282,11 +399,14 @@ class Scheduler:
         self._offer_blocks(request, total, out)
         return True
 
-    def _preempt(self, request: Request) -> None:
+    def _preempt(self, request: Request, out: SchedulerOutput) -> None:
+        """Take a running request (already out of ``running``) back to the queue."""
         self._free(request)
         request.status = RequestStatus.WAITING
         self.waiting.appendleft(request)
         self.num_preemptions += 1
+        self.fair.accounts[request.tenant].preemptions += 1
+        out.preempted.append(request)
 
     def _free(self, request: Request) -> None:
         self._release_blocks(request)

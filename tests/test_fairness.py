@@ -92,3 +92,51 @@ def test_long_prefix_fills_in_chunks_while_others_decode(model_dir):
     steps = [b - a for a, b in zip([0, *fills], fills) if b != a]
     assert max(steps) <= 16 and sum(steps) == prefix_tokens
     assert engine.prefixes.stats.materializations == 1
+
+
+@pytest.mark.parametrize(
+    "case", [{"max_num_seqs": 4}, {"num_kv_blocks": 14}], ids=["slots", "kv-blocks"]
+)
+def test_a_tenant_over_its_share_yields_and_its_outputs_stay_the_same(model_dir, case):
+    """'a' fills every slot (or the pool); 'b''s one-token request preempts a request of 'a'
+    once the minimum run has passed, and every request of 'a' still ends with the tokens it gets
+    alone, without preemption or a prefix cache."""
+    blocks = case.get("num_kv_blocks", 512)
+    engine = LLMEngine(
+        EngineConfig(
+            model=ModelConfig(str(model_dir), "float32"),
+            cache=CacheConfig(block_size=4, num_kv_blocks=blocks),
+            scheduler=SchedulerConfig(
+                max_num_seqs=case.get("max_num_seqs", 64), preemption_min_steps=3
+            ),
+        )
+    )
+    long = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    prompts = {f"a{i}": [3, 4, 5 + i, 6, 7, 8, 9, 10 + i] for i in range(4)}
+    for rid, prompt in prompts.items():
+        engine.add_request(prompt, long, rid, tenant="a")
+    for _ in range(4):  # every request of 'a' runs past its minimum run
+        engine.step()
+    if blocks < 512:
+        assert engine.allocator.num_free + engine.prefixes.evictable_blocks() < 3  # b needs 3
+    engine.add_request([9] * 9, ONE, "b0", tenant="b")
+    assert _steps_until_done(engine, "b0") <= 2
+    preempted = engine.scheduler.fair.accounts["a"].preemptions
+    assert preempted >= 1 and engine.scheduler.fair.accounts["b"].preemptions == 0
+    outputs = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                outputs[out.request_id] = out.token_ids
+    alone = LLMEngine(
+        EngineConfig(
+            model=ModelConfig(str(model_dir), "float32"),
+            cache=CacheConfig(block_size=4, num_kv_blocks=512, enable_prefix_caching=False),
+        )
+    )
+    for rid, prompt in prompts.items():
+        alone.add_request(prompt, long, rid)
+    expected = {}
+    while alone.has_unfinished_requests():
+        expected.update({o.request_id: o.token_ids for o in alone.step() if o.finished})
+    assert outputs == expected

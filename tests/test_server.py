@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,14 @@ def load_adapters(address: str, adapters: dict[str, Path]) -> None:
     with Client(address, KEYS["ops"]) as ops:
         ops.load_adapter("json", path=str(adapters["json"]), public=True)
         ops.load_adapter("polite", text=POLITE, public=True)
+
+
+def scrape(port: int, key: str | None = KEYS["ops"]) -> str:
+    """The server's ``/metrics`` text, read with ``key`` (default: the admin's)."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/metrics")
+    if key is not None:
+        request.add_header("Authorization", f"Bearer {key}")
+    return urllib.request.urlopen(request, timeout=10).read().decode()
 
 
 def offline_llm(model_dir: Path, adapters: dict[str, Path], **options: Any) -> LLM:

@@ -79,3 +79,27 @@ def test_api_keys_none_is_an_open_server(monkeypatch):
     monkeypatch.setenv("PREFIXSERVE_API_KEYS", "acme sk-acme-123456")
     assert not parsed().api_keys.open  # the environment's keys, without a file
     assert parsed("--api-keys", "none").api_keys.open
+
+
+def test_api_keys_carry_admin_and_weight():
+    from prefixserve.server import ApiKeys
+
+    keys = ApiKeys.parse(
+        "a key-aaaa-1 weight=2\nops key-ops-1 admin\nb key-bbbb-1 admin weight=0.5;"
+        "a key-aaaa-2 weight=2",
+        "test",
+    )
+    tenant = keys.authenticate([("authorization", "Bearer key-aaaa-2")])
+    assert (tenant.name, tenant.admin, tenant.weight) == ("a", False, 2.0)
+    tenant = keys.authenticate([("x-api-key", "key-bbbb-1")])
+    assert (tenant.name, tenant.admin, tenant.weight) == ("b", True, 0.5)
+    assert keys.authenticate([("x-api-key", "key-ops-1")]).weight == 1.0
+    for text, message in [
+        ("a key-aaaa-1 weight=0", "weight must be a number > 0, got '0'"),
+        ("a key-aaaa-1 weight=x", "weight must be a number > 0, got 'x'"),
+        ("a key-aaaa-1 owner", "got 'owner' after the key"),
+        ("a key-aaaa-1 weight=2\na key-aaaa-2", "keys of different weights"),
+        ("a", "got 1 field"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            ApiKeys.parse(text, "test")

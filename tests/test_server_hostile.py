@@ -12,6 +12,7 @@ import random
 import shutil
 import struct
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from prefixserve.client import Client
 from prefixserve.server import BackgroundServer, PrefixServer
 from prefixserve.server.errors import request_limits
 
-from test_server import KEYS, server_config, wait_until_idle
+from test_server import KEYS, scrape, server_config, wait_until_idle
 
 GEN, ADA = "/prefixserve.v1.GenerationService/", "/prefixserve.v1.AdapterService/"
 RPCS = {  # method -> (request type, streams its answer)
@@ -397,11 +398,32 @@ def test_metrics_name_only_public_adapters(server):
     with Client(server.address, KEYS["acme"]) as acme:
         acme.generate([5, 9], "pirate", max_new_tokens=2)
         acme.generate([5, 9], "json", max_new_tokens=2)
-    url = f"http://127.0.0.1:{server.server.metrics_port}/metrics"
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    text = scrape(server.server.metrics_port)
     assert "pirate" not in text
     assert 'prefixserve_requests_total{adapter="(private)",outcome="length",tenant="acme"}' in text
     assert 'prefixserve_requests_total{adapter="json",outcome="length",tenant="acme"}' in text
+
+
+def test_metrics_ask_for_an_admin_key(server):
+    port = server.server.metrics_port
+    for key, status in ((None, 401), ("not-a-key-0000", 401), (KEYS["acme"], 403)):
+        with pytest.raises(urllib.error.HTTPError) as info:
+            scrape(port, key)
+        assert info.value.code == status, key
+        assert "API key" in info.value.read().decode()
+    assert "prefixserve_queue_depth" in scrape(port)  # the admin's
+
+
+def test_public_metrics_name_no_tenant(tiny_model_dir):
+    config = server_config(tiny_model_dir("llama"), None, metrics_port=0, public_metrics=True)
+    with BackgroundServer(config) as running:
+        for tenant in ("acme", "globex"):
+            with Client(running.address, KEYS[tenant]) as client:
+                client.generate([5, 9], max_new_tokens=2, ignore_eos=True)
+        text = scrape(running.server.metrics_port, key=None)
+    assert "tenant=" not in text and "acme" not in text
+    assert 'prefixserve_requests_total{adapter="",outcome="length"} 2.0' in text
+    assert "prefixserve_tenant_served_tokens_total 6.0" in text  # 2 x (2 prompt + 1 decode)
 
 
 def test_model_info_and_adapters_show_no_server_paths(server, model_dir, json_adapter):

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import threading
-import urllib.request
 
 import grpc
 import pytest
@@ -20,7 +19,7 @@ from prefixserve.client import Client
 from prefixserve.engine import LLMEngine
 from prefixserve.server import ApiKeys, BackgroundServer
 
-from test_server import KEYS, KEYS_TEXT, server_config, wait_until_idle
+from test_server import KEYS, KEYS_TEXT, scrape, server_config, wait_until_idle
 
 METRICS = [
     "prefixserve_queue_depth",
@@ -73,8 +72,7 @@ def test_health_reflection_and_metrics(tiny_model_dir, peft_adapter_dir):
         for _ in range(2):
             acme.generate([5, 9, 33], "pirate", max_new_tokens=5)
         assert server.server is not None
-        url = f"http://127.0.0.1:{server.server.metrics_port}/metrics"
-        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        text = scrape(server.server.metrics_port)
         for name in METRICS:
             assert name in text, name
         assert "prefixserve_prefix_hits_total 1.0" in text

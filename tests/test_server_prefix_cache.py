@@ -5,14 +5,12 @@ the server allows it."""
 
 from __future__ import annotations
 
-import urllib.request
-
 import pytest
 
 from prefixserve.client import Client
 from prefixserve.server import BackgroundServer
 
-from test_server import KEYS, POLITE, server_config
+from test_server import KEYS, POLITE, scrape, server_config
 
 PROMPT = list(range(40, 61))
 """21 tokens: five full blocks of 4 reusable (the last prompt token is always computed)."""
@@ -55,10 +53,7 @@ def test_a_tenant_hits_its_own_blocks_and_no_one_else_does(server):
     # A private adapter's blocks are its owner's whatever the server shares.
     assert _cached(address, "acme", "mine") == 0
     assert _cached(address, "acme", "mine") == HIT
-    metrics = urllib.request.urlopen(
-        f"http://127.0.0.1:{running.server.metrics_port}/metrics", timeout=10
-    ).read()
-    text = metrics.decode()
+    text = scrape(running.server.metrics_port)
     hits = next(
         line for line in text.splitlines() if line.startswith("prefixserve_prefix_cache_hits")
     )

@@ -9,6 +9,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from prefixserve import LLM
 from prefixserve.adapters import AdapterNotFoundError
 from prefixserve.client import Client
 from prefixserve.quota import TenantQuota
@@ -144,7 +145,11 @@ def test_admin_unloads_any_tenants_adapter(server):
 
 
 def test_tenant_adapter_quotas(tiny_model_dir, tmp_path, upload):
-    size = sum(f.stat().st_size for f in upload.iterdir() if f.name.startswith("adapter_"))
+    """The byte quota counts what an adapter holds (host tensors and prefix KV), not its
+    files, and refuses before the engine registers it."""
+    offline = LLM(str(tiny_model_dir("llama")), dtype="float32", block_size=4, num_kv_blocks=64)
+    info = offline.load_adapter("probe", upload)
+    size = info.host_bytes + info.kv_bytes
     quota = TenantQuota(max_adapters=2, max_adapter_bytes=int(size * 1.5))
     config = server_config(tiny_model_dir("llama"), tmp_path / "registry", quota=quota)
     with (
@@ -156,7 +161,10 @@ def test_tenant_adapter_quotas(tiny_model_dir, tmp_path, upload):
         with pytest.raises(grpc.RpcError) as too_big:
             acme.load_adapter("big2", upload=upload)
         assert too_big.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "--max-adapter-mb-per-tenant" in (too_big.value.details() or "")
+        details = too_big.value.details() or ""
+        assert "--max-adapter-mb-per-tenant" in details
+        assert f"would hold {size} bytes ({info.host_bytes} of host tensors" in details
+        assert f"others hold {size} bytes" in details
         acme.load_adapter("small", text="Be brief.")
         with pytest.raises(grpc.RpcError) as too_many:
             acme.load_adapter("third", text="Be kind.")

@@ -20,13 +20,13 @@ from ray.exceptions import NodeDiedError, RayActorError, RayTaskError, WorkerCra
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
-from ..adapters import AdapterNotFoundError
+from ..adapters import AdapterNotFoundError, AdapterOverBudgetError
 from ..async_engine import EngineDeadError, QueueFullError
 from ..engine import EngineDescription, EngineStats, Prompt
 from ..sampling_params import SamplingParams
 from ..server.registry import AdapterRegistry
 from ..text import shorten
-from ..types import AdapterInfo
+from ..types import LOCAL, AdapterInfo, Origin
 from .catalog import AdapterCatalog, CheckedAdapter
 from .config import FleetConfig
 from .messages import Accepted, AdapterRef, OutputAssembler, ReplicaJob, ServedOutput
@@ -116,11 +116,18 @@ class ReplicaFleet:
     # -- adapters (the adapter service's calls) ------------------------------------------------
 
     async def load_adapter(
-        self, name: str, path: str | None = None, text: str | None = None
+        self,
+        name: str,
+        path: str | None = None,
+        text: str | None = None,
+        max_bytes: int | None = None,
     ) -> AdapterInfo:
         """Have a replica read and validate the adapter (raises its ``AdapterError``), then make
-        it usable on every replica: each loads it from the shared registry on first use."""
+        it usable on every replica: each loads it from the shared registry on first use.
+        ``max_bytes``: what one replica's copy may hold (``AdapterOverBudgetError`` beyond)."""
         info: AdapterInfo = await self._call("check_adapter", name, path=path, text=text)
+        if max_bytes is not None and info.host_bytes + info.kv_bytes > max_bytes:
+            raise AdapterOverBudgetError(name, info.host_bytes, info.kv_bytes, max_bytes)
         return self.catalog.add_adapter(CheckedAdapter(name, info, path))
 
     async def unload_adapter(self, name: str, missing_ok: bool = False) -> bool:
@@ -169,9 +176,7 @@ class ReplicaFleet:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         adapter: str | None = None,
-        tenant: str = "",
-        cache_salt: str | None = None,
-        share_cache: bool = False,
+        origin: Origin = LOCAL,
     ) -> AsyncIterator[ServedOutput]:
         """Like ``AsyncEngine.generate``, on a replica that holds ``adapter``. A request whose
         replica stops before it produced output is sent again (up to ``max_attempts``); one that
@@ -180,11 +185,9 @@ class ReplicaFleet:
             prompt,
             params or SamplingParams(),
             request_id or f"fleet-{next(self._ids)}",
-            tenant,
+            origin,
             self._ref(adapter) if adapter is not None else None,
-            cache_salt,
-            share_cache,
-            affinity=_affinity(prompt, tenant, adapter, cache_salt, share_cache),
+            affinity=_affinity(prompt, adapter, origin),
         )
         with self.catalog.using(adapter):
             for attempt in range(1, self.config.max_attempts + 1):
@@ -259,11 +262,10 @@ class ReplicaFleet:
         raise AssertionError("unreachable")
 
 
-def _affinity(
-    prompt: Prompt, tenant: str, adapter: str | None, salt: str | None, shared: bool
-) -> tuple[str, ...]:
+def _affinity(prompt: Prompt, adapter: str | None, origin: Origin) -> tuple[str, ...]:
     """The router's affinity keys of a prompt, scoped as the engine scopes cached blocks."""
     if isinstance(prompt, str):
         return ()  # the front end tokenizes every prompt; a string never reaches here
-    scope = "\x00".join(("*shared*" if shared else tenant, adapter or "", salt or ""))
+    tenant = "*shared*" if origin.share_cache else origin.tenant
+    scope = "\x00".join((tenant, adapter or "", origin.cache_salt or ""))
     return affinity_keys(prompt, scope)

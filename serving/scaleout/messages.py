@@ -19,6 +19,7 @@ from ..request import ListPrefix, RequestOutput
 from ..sampler import TokenLogprobs
 from ..sampling_params import SamplingParams
 from ..server.registry import RECORD_FILE, AdapterRecord
+from ..types import Origin
 
 NOT_IN_REGISTRY = "cmdline"
 """Version of an adapter that has no registry folder (given on the server's command line)."""
@@ -96,10 +97,8 @@ class ReplicaJob:
     prompt: Prompt
     params: SamplingParams
     request_id: str
-    tenant: str
+    origin: Origin
     adapter: AdapterRef | None
-    cache_salt: str | None = None
-    share_cache: bool = False
     affinity: tuple[str, ...] = ()
     """Hashes of its leading tokens in its cache scope (``router.affinity_keys``): the router
     sends it where requests with the same keys went, to find their cached blocks."""

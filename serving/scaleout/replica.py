@@ -122,9 +122,7 @@ class EngineReplica:
             job.params,
             job.request_id,
             adapter=name,
-            tenant=job.tenant,
-            cache_salt=job.cache_salt,
-            share_cache=job.share_cache,
+            origin=job.origin,
         )
         # Closed with this stream, so that a cancelled stream aborts the request at once.
         async with contextlib.aclosing(
@@ -160,7 +158,9 @@ class EngineReplica:
         engine_name = f"{ref.model_id}#{next(self._loads)}"
         try:
             source = await asyncio.to_thread(AdapterRegistry.adapter_source, Path(ref.path))
-            await self.engine.load_adapter(engine_name, **source)
+            await self.engine.load_adapter(
+                engine_name, path=source.get("path"), text=source.get("text")
+            )
         except (OSError, ValueError) as e:
             logger.warning("replica %s: cannot load %s: %s", self.name, ref.model_id, e)
             raise AdapterNotFoundError(

@@ -17,7 +17,7 @@ from grpc import aio
 
 from .._proto import prefixserve_pb2 as pb
 from .._proto import prefixserve_pb2_grpc as pb_grpc
-from ..adapters import AdapterError
+from ..adapters import AdapterError, AdapterOverBudgetError
 from ..engine_client import EngineClient
 from ..text import shorten
 from ..types import AdapterInfo
@@ -32,10 +32,14 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-async def _engine_load(engine: EngineClient, name: str, source: dict[str, str]) -> AdapterInfo:
+async def _engine_load(
+    engine: EngineClient, name: str, source: dict[str, str], max_bytes: int | None = None
+) -> AdapterInfo:
     """Read and validate the adapter in a worker thread, then register it on the engine's
-    thread (between steps)."""
-    return await engine.load_adapter(name, path=source.get("path"), text=source.get("text"))
+    thread (between steps), unless it would hold more than ``max_bytes``."""
+    return await engine.load_adapter(
+        name, path=source.get("path"), text=source.get("text"), max_bytes=max_bytes
+    )
 
 
 def _client_words(message: str, staged: Path, record: AdapterRecord) -> str:
@@ -101,9 +105,12 @@ class AdapterService(pb_grpc.AdapterServiceServicer):
             staged = await self._stage(request, tenant, record)
             try:
                 record.size_bytes = await asyncio.to_thread(registry.staged_bytes, staged)
-                self._check_quota(record)
+                budget = self._check_quota(record)
                 source = AdapterRegistry.adapter_source(staged)
-                info = await _engine_load(engine, record.engine_name, source)
+                try:
+                    info = await _engine_load(engine, record.engine_name, source, budget)
+                except AdapterOverBudgetError as e:
+                    raise self._over_quota(record, e) from None
             except AdapterError as e:
                 await asyncio.to_thread(registry.discard, staged)
                 raise type(e)(_client_words(str(e), staged, record)) from None
@@ -111,6 +118,7 @@ class AdapterService(pb_grpc.AdapterServiceServicer):
                 await asyncio.to_thread(registry.discard, staged)
                 raise
             record.kind = info.kind
+            record.resident_bytes = info.host_bytes + info.kv_bytes
             try:
                 await asyncio.to_thread(registry.add, record, staged)
             except BaseException:
@@ -134,10 +142,13 @@ class AdapterService(pb_grpc.AdapterServiceServicer):
             await asyncio.to_thread(self.state.registry.remove, record)
         logger.info("load of adapter %s undone: its caller went away", record.engine_name)
 
-    def _check_quota(self, record: AdapterRecord) -> None:
+    def _check_quota(self, record: AdapterRecord) -> int | None:
+        """Refuse the load if the tenant holds its most adapters; return the bytes it may still
+        add (None: no limit), which the engine checks once it has read the adapter and before
+        it registers it."""
         quota = self.state.quota
         if record.owner is None:
-            return  # public adapters are the operator's
+            return None  # public adapters are the operator's
         count, size = self.state.registry.usage(record.owner)
         if quota.max_adapters is not None and count + 1 > quota.max_adapters:
             raise QuotaError(
@@ -146,12 +157,18 @@ class AdapterService(pb_grpc.AdapterServiceServicer):
                 "unload one first"
             )
         limit = quota.max_adapter_bytes
-        if limit is not None and size + record.size_bytes > limit:
-            raise QuotaError(
-                f"this adapter ({record.size_bytes} bytes) and tenant {record.owner!r}'s others "
-                f"({size} bytes) exceed the {limit / 2**20:.4g} MiB a tenant "
-                "may hold (server option --max-adapter-mb-per-tenant); unload one first"
-            )
+        return None if limit is None else max(0, limit - size)
+
+    def _over_quota(self, record: AdapterRecord, error: AdapterOverBudgetError) -> QuotaError:
+        limit = self.state.quota.max_adapter_bytes
+        assert limit is not None and record.owner is not None
+        _, size = self.state.registry.usage(record.owner)
+        return QuotaError(
+            f"this adapter would hold {error.resident_bytes} bytes ({error.host_bytes} of host "
+            f"tensors, {error.kv_bytes} of prefix KV) and tenant {record.owner!r}'s others hold "
+            f"{size} bytes: more than the {limit / 2**20:.4g} MiB a tenant may hold (server "
+            "option --max-adapter-mb-per-tenant); unload one first"
+        )
 
     async def _stage(
         self, request: pb.LoadAdapterRequest, tenant: Tenant, record: AdapterRecord
@@ -261,12 +278,14 @@ async def restore_adapters(state: ServingState, specs: list[AdapterSpec]) -> Non
             raise ValueError(f"--adapter {spec.name}: {spec.path} has no adapter_model.safetensors")
         info = await _engine_load(engine, record.engine_name, {"path": spec.path})
         record.kind = info.kind
+        record.resident_bytes = info.host_bytes + info.kv_bytes
         registry.add(record, None)
     for record, folder in await asyncio.to_thread(registry.saved):
         try:
             registry.check_free(record.owner, record.name)
             source = AdapterRegistry.adapter_source(folder)
-            await _engine_load(engine, record.engine_name, source)
+            info = await _engine_load(engine, record.engine_name, source)
+            record.resident_bytes = info.host_bytes + info.kv_bytes
         except (ValueError, AlreadyExistsError) as e:
             logger.warning("registry adapter %s not restored: %s", record.engine_name, e)
             continue

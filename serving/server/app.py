@@ -50,7 +50,10 @@ class PrefixServer:
         self.state = ServingState(
             keys=config.api_keys,
             registry=AdapterRegistry(config.registry_dir),
-            metrics=ServerMetrics(lambda: self.state.engine.stats() if self.state.engine else None),
+            metrics=ServerMetrics(
+                lambda: self.state.engine.stats() if self.state.engine else None,
+                lambda: self.state.registry.usage_by_tenant(),
+            ),
             max_upload_bytes=config.max_upload_bytes,
             quota=config.quota,
             share_public_prefix_cache=config.share_public_prefix_cache,
@@ -89,7 +92,10 @@ class PrefixServer:
         await self._grpc.start()
         if self.config.metrics_port is not None:
             self.metrics_port = self.state.metrics.serve(
-                self.config.metrics_port, self.config.metrics_bind_host
+                self.config.metrics_port,
+                self.config.metrics_bind_host,
+                self.config.api_keys,
+                public=self.config.public_metrics,
             )
         logger.info("listening on %s (model loading)", self.address)
 

@@ -82,7 +82,11 @@ class ServerConfig:
     metrics_port: int | None = None
     """Prometheus /metrics HTTP port; None = off, 0 = a free port."""
     metrics_host: str | None = None
-    """Address of /metrics, which has no authentication; None = the same as host."""
+    """Address of /metrics; None = the same as host."""
+    public_metrics: bool = False
+    """Serve /metrics to anyone, with the tenant labels summed away. Off: where the server has
+    API keys, /metrics asks for an admin's key as a bearer token (Prometheus' authorization
+    scrape setting)."""
     max_waiting: int | None = 256
     """Requests that may wait for the engine; more answer RESOURCE_EXHAUSTED."""
     max_upload_bytes: int = field(

@@ -49,7 +49,10 @@ class AdapterRecord:
     kind: str = ""
     created: float = 0.0
     size_bytes: int = 0
-    """Bytes of its files (counted against the owner's quota)."""
+    """Bytes of its files."""
+    resident_bytes: int = 0
+    """Bytes it holds in the engine: host tensors, and its prefix KV when materialized
+    (counted against the owner's quota)."""
     persistent: bool = True
     """False for adapters given on the command line: they are not written to the registry."""
 
@@ -109,9 +112,14 @@ class AdapterRegistry:
         return record
 
     def usage(self, owner: str) -> tuple[int, int]:
-        """``(adapters, bytes)`` that tenant ``owner`` holds privately."""
+        """``(adapters, resident bytes)`` that tenant ``owner`` holds privately."""
         mine = [r for r in self.records.values() if r.owner == owner]
-        return len(mine), sum(r.size_bytes for r in mine)
+        return len(mine), sum(r.resident_bytes for r in mine)
+
+    def usage_by_tenant(self) -> dict[str, tuple[int, int]]:
+        """:meth:`usage` of every tenant that holds private adapters."""
+        owners = {r.owner for r in list(self.records.values()) if r.owner is not None}
+        return {owner: self.usage(owner) for owner in sorted(owners)}
 
     def visible(self, tenant: Tenant, all_tenants: bool = False) -> list[AdapterRecord]:
         records = self.records.values()

@@ -26,6 +26,7 @@ from ..engine_client import EngineClient
 from ..quota import TenantQuota
 from ..request import RequestOutput
 from ..sampling_params import MAX_LOGPROBS
+from ..types import Origin
 from . import protocol
 from .errors import NotReadyError, outcome_of
 from .metrics import ServerMetrics
@@ -154,17 +155,16 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         tracker = self.state.metrics.track(name, tenant.name)
         outcome = "error"
         try:
-            outputs = engine.generate(
-                prompt,
-                params,
-                request_id,
-                adapter=name,
+            origin = Origin(
                 tenant=tenant.name,
+                weight=tenant.weight,
+                priority=request.priority,
                 cache_salt=request.cache_salt if request.HasField("cache_salt") else None,
                 share_cache=self.state.share_public_prefix_cache
                 and adapter is not None
                 and adapter.owner is None,
             )
+            outputs = engine.generate(prompt, params, request_id, adapter=name, origin=origin)
             async for out in outputs:
                 tracker.on_output(out)
                 if out.finished:

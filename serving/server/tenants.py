@@ -1,7 +1,10 @@
 """API keys and the tenants they name.
 
 A keys file (``--api-keys FILE``) or ``$PREFIXSERVE_API_KEYS`` holds one entry per line (or per
-``;`` in the variable): ``TENANT KEY [admin]``; ``#`` starts a comment. Clients send the key as
+``;`` in the variable): ``TENANT KEY [admin] [weight=W]``; ``#`` starts a comment. ``weight``
+(default 1) is the tenant's share of the engine relative to other tenants' when they compete
+(fair scheduling; a tenant of weight 2 gets twice the service of one of weight 1). Clients send
+the key as
 call metadata ``authorization: Bearer KEY`` (or ``x-api-key: KEY``). Admins may load adapters
 from server-side paths and make them public. Without any key the server is open: every caller is
 the admin tenant ``anonymous`` and what it loads is public.
@@ -26,6 +29,8 @@ ENV_VAR = "PREFIXSERVE_API_KEYS"
 class Tenant:
     name: str
     admin: bool = False
+    weight: float = 1.0
+    """Its share of the engine relative to other tenants' (fair scheduling)."""
 
 
 ANONYMOUS = Tenant("anonymous", admin=True)
@@ -36,13 +41,29 @@ def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
 
+def _weight(text: str, where: str) -> float:
+    try:
+        weight = float(text)
+    except ValueError:
+        weight = float("nan")
+    if not 0 < weight < float("inf"):
+        raise ValueError(f"{where}: weight must be a number > 0, got {text!r}")
+    return weight
+
+
 class ApiKeys:
     """Maps API keys to tenants; empty means the server is open (no authentication)."""
 
     def __init__(self, entries: Iterable[tuple[str, Tenant]] = ()) -> None:
         self._tenants: dict[bytes, Tenant] = {}
+        weights: dict[str, float] = {}
         for key, tenant in entries:
             check_name("tenant", tenant.name)
+            if weights.setdefault(tenant.name, tenant.weight) != tenant.weight:
+                raise ValueError(
+                    f"tenant {tenant.name!r} has keys of different weights "
+                    f"({weights[tenant.name]:g} and {tenant.weight:g}); give every key one weight"
+                )
             if len(key) < 8:
                 raise ValueError(f"the API key of tenant {tenant.name!r} is shorter than 8 chars")
             digest = _digest(key)
@@ -63,19 +84,28 @@ class ApiKeys:
 
     @classmethod
     def parse(cls, text: str, source: str) -> ApiKeys:
-        """Entries ``TENANT KEY [admin]``, one per line or separated by ';'."""
+        """Entries ``TENANT KEY [admin] [weight=W]``, one per line or separated by ';'."""
         entries = []
         for number, raw in enumerate(re.split(r"[;\n]", text), 1):
             line = raw.split("#", 1)[0].strip()
             if not line:
                 continue
             fields = line.split()
-            if len(fields) not in (2, 3) or (len(fields) == 3 and fields[2] != "admin"):
-                raise ValueError(
-                    f"{source}, entry {number}: expected 'TENANT KEY' or 'TENANT KEY admin', "
-                    f"got {len(fields)} fields"
-                )
-            entries.append((fields[1], Tenant(fields[0], admin=len(fields) == 3)))
+            where = f"{source}, entry {number}"
+            if len(fields) < 2:
+                raise ValueError(f"{where}: expected 'TENANT KEY [admin] [weight=W]', got 1 field")
+            admin, weight = False, 1.0
+            for option in fields[2:]:
+                if option == "admin" and not admin:
+                    admin = True
+                elif option.startswith("weight=") and weight == 1.0:
+                    weight = _weight(option.removeprefix("weight="), where)
+                else:
+                    raise ValueError(
+                        f"{where}: expected 'TENANT KEY [admin] [weight=W]', got {option!r} "
+                        "after the key"
+                    )
+            entries.append((fields[1], Tenant(fields[0], admin=admin, weight=weight)))
         return cls(entries)
 
     @classmethod
