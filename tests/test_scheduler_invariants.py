@@ -77,6 +77,7 @@ def test_random_traffic_keeps_accounting_and_outputs(seed, tiny_model_dir, refer
     llm = LLM(
         str(tiny_model_dir("llama")),
         enable_prefix_caching=caching,
+        preemption_min_steps=rng.choice([0, 2]),
         dtype="float32",
         block_size=4,
         num_kv_blocks=rng.choice([14, 20, 30]),
@@ -88,26 +89,32 @@ def test_random_traffic_keeps_accounting_and_outputs(seed, tiny_model_dir, refer
     for name, text in TEXTS.items():
         llm.load_adapter(name, text=text)
     asked: dict[str, tuple[list[int], str | None, int]] = {}
-    earlier: list[tuple[list[int], str | None]] = []
+    earlier: list[tuple[list[int], str | None, str]] = []
 
     def submit(adapters: list[str | None]) -> None:
         adapter = rng.choice(adapters)
+        tenant = rng.choice("ab")  # two tenants: preemptions for share too
         prompt = [rng.randrange(3, 300) for _ in range(rng.randint(1, 20))]
         if earlier and rng.random() < 0.6:  # a next turn, or the same prompt again
-            before, before_adapter = rng.choice(earlier)
+            before, before_adapter, tenant = rng.choice(earlier)
             prompt = before + prompt[: rng.choice([0, len(prompt)])]
             adapter = before_adapter if before_adapter in adapters else adapter
         prompt = prompt[:24]
         new = rng.randint(1, 12)
         try:
             rid = engine.add_request(
-                prompt, SamplingParams(max_new_tokens=new, ignore_eos=True), adapter=adapter
+                prompt,
+                SamplingParams(max_new_tokens=new, ignore_eos=True),
+                adapter=adapter,
+                tenant=tenant,
+                tenant_weight=2.0 if seed % 2 else 1.0,
+                priority=rng.choice([0, 0, 1]),
             )
         except ValueError:  # too long for this small pool: refused up front, nothing held
             check_accounting(engine)
             return
         asked[rid] = (prompt, adapter, new)
-        earlier.append((prompt, adapter))
+        earlier.append((prompt, adapter, tenant))
 
     for _ in range(rng.randint(6, 14)):
         submit([None, *TEXTS])

@@ -90,3 +90,42 @@ def test_a_burst_of_one_tenant_gets_its_quota_and_others_still_get_in(server):
         thread.join(120)
     assert results["globex"] == ["OK"]
     assert "RESOURCE_EXHAUSTED" in results["acme"] and "OK" in results["acme"]
+
+
+@pytest.mark.parametrize(
+    "engine", [{"max_num_seqs": 4}, {"num_kv_blocks": 40}], ids=["slots", "kv-blocks"]
+)
+def test_a_tenant_holding_every_slot_or_block_yields_to_anothers_short_request(
+    tiny_model_dir, tmp_path, engine
+):
+    """acme's long requests hold every running slot (or the whole pool); globex's one-token
+    request preempts one of them and is answered while they still run; they all finish."""
+    config = server_config(tiny_model_dir("llama"), tmp_path / "registry")
+    config.engine.scheduler = SchedulerConfig(
+        max_num_seqs=engine.get("max_num_seqs", 64), preemption_min_steps=2
+    )
+    config.engine.cache.num_kv_blocks = engine.get("num_kv_blocks", 512)
+    with BackgroundServer(config) as running:
+        done: list[str] = []
+
+        def long_call(i: int) -> None:
+            with Client(running.address, KEYS["acme"]) as acme:
+                out = acme.generate([3, 4, 5, i] * 8, max_new_tokens=120, ignore_eos=True)
+            assert len(out.token_ids) == 120
+            done.append(f"long{i}")
+
+        threads = [threading.Thread(target=long_call, args=(i,)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        scheduler = running.engine.scheduler
+        _wait_for(lambda: len(scheduler.running) == 4 and running.engine.stats().waiting == 0)
+        time.sleep(0.2)  # past the minimum run
+        with Client(running.address, KEYS["globex"]) as globex:
+            out = globex.generate([5, 6, 7] * 8, max_new_tokens=1, ignore_eos=True)
+        done.append("short")
+        assert out.token_ids and done == ["short"], "the short request waited for the long ones"
+        for thread in threads:
+            thread.join(120)
+        assert len(done) == 5
+        assert scheduler.fair.accounts["acme"].preemptions >= 1
+        assert scheduler.fair.accounts["globex"].preemptions == 0
