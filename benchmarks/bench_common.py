@@ -24,8 +24,29 @@ def machine_info(*, processor: bool = False) -> dict[str, Any]:
         "machine": platform.machine(),
     }
     if processor:
-        info["processor"] = platform.processor()
+        info["processor"] = _cpu_model() or platform.processor()
+        info["cpu_features"] = _cpu_features()
     return info
+
+
+def _cpu_info() -> dict[str, str]:
+    """The first processor's entries of ``/proc/cpuinfo`` (empty where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+    except OSError:
+        return {}
+    return {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in text.splitlines())}
+
+
+def _cpu_model() -> str:
+    return _cpu_info().get("model name", "")
+
+
+def _cpu_features() -> list[str]:
+    """The vector and matrix extensions that decide CPU kernels' speed (AVX2 ... AMX)."""
+    flags = set(_cpu_info().get("flags", "").split())
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
+    return [f for f in wanted if f in flags]
 
 
 def write_report(path: str | Path, report: dict[str, Any]) -> Path:

@@ -14,8 +14,10 @@ and fcfs in the same run:
 * (a) flood: ``acme`` sends 64 requests of 200 new tokens at once (every running slot); then
   ``globex`` sends one-token requests one after the other: their latency (p50, p99) against the
   same requests on the idle server;
-* (b) KV pressure: three tenants' long requests on a pool of ``--kv-blocks`` blocks, then
-  ``globex``'s one-token requests, as in (a);
+* (b) KV pressure: two tenants' long requests on a pool of ``--kv-blocks`` blocks, then
+  ``globex``'s one-token requests, as in (a); (b') the same with ``globex``'s own long
+  requests queued too: arrival order holds within a tenant, so its probes go with
+  ``priority=-1`` (its own choice to put them first);
 * (c) weights: backlogged tenants of weights 2:1 and 1:1:1 for ``--seconds``: Jain's index of
   the weight-normalized tokens served in every 10 s window (1.0 = exactly fair);
 * (d) cost: the same mixed load of three tenants with fair and fcfs: total output tok/s.
@@ -129,7 +131,7 @@ def main() -> None:
     share.add_argument("--probes", type=int, default=20, help="globex's one-token requests")
     share.add_argument("--kv-blocks", type=int, default=96, help="the pool of case (b)")
     share.add_argument("--seconds", type=float, default=40.0, help="length of case (c)")
-    share.add_argument("--cases", nargs="+", default=["a", "b", "c", "d"])
+    share.add_argument("--cases", nargs="+", default=["a", "b", "b'", "c", "d"])
     share.add_argument("--out", type=Path, default=RESULTS / "fair_share.json")
     args = parser.parse_args()
     if args.part == "share":
@@ -187,13 +189,15 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-async def _probe(address: str, n: int) -> list[float]:
+async def _probe(address: str, n: int, priority: int = 0) -> list[float]:
     """Latencies of ``n`` one-token requests of globex, one after the other."""
     async with AsyncClient(address, KEY["globex"]) as client:
         latencies = []
         for i in range(n):
             start = time.perf_counter()
-            await client.generate([5, 6, 7 + i % 50], max_new_tokens=1, ignore_eos=True)
+            await client.generate(
+                [5, 6, 7 + i % 50], max_new_tokens=1, ignore_eos=True, priority=priority
+            )
             latencies.append(time.perf_counter() - start)
         return latencies
 
@@ -216,23 +220,22 @@ def _wait_running(server: BackgroundServer, n: int, timeout: float = 120.0) -> N
 
 
 def share_probes(case: str, policy: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Cases (a) and (b): globex's one-token requests, idle and under the load."""
+    """Cases (a), (b) and (b'): globex's one-token requests, idle and under the load."""
     engine: dict[str, Any] = {} if case == "a" else {"num_kv_blocks": args.kv_blocks}
+    priority = -1 if case == "b'" else 0
     with _server(policy, **engine) as server:
         idle = asyncio.run(_probe(server.address, args.probes))
 
         async def loaded() -> list[float]:
             if case == "a":
                 loads = [_load(server.address, "acme", 64, [3, 4, 5], 200)]
-            else:  # three tenants' long requests: 330 tokens each
-                loads = [
-                    _load(server.address, t, 8, list(range(10, 140)), 200)
-                    for t in ("acme", "initech", "globex")
-                ]
+            else:  # long requests: 330 tokens each
+                tenants = ("acme", "initech", "globex") if case == "b'" else ("acme", "initech")
+                loads = [_load(server.address, t, 8, list(range(10, 140)), 200) for t in tenants]
             tasks = [asyncio.create_task(job) for job in loads]
             await asyncio.to_thread(_wait_running, server, 8)
             await asyncio.sleep(2.0)
-            latencies = await _probe(server.address, args.probes)
+            latencies = await _probe(server.address, args.probes, priority)
             await asyncio.gather(*tasks)
             return latencies
 
@@ -320,7 +323,7 @@ def run_share(args: argparse.Namespace) -> None:
     for case in args.cases:
         for policy in ("fair", "fcfs"):
             print(f"case ({case}), {policy} ...", flush=True)
-            if case in ("a", "b"):
+            if case in ("a", "b", "b'"):
                 rows.append(share_probes(case, policy, args))
             elif case == "c":
                 rows.append(share_weights({"acme": 2, "globex": 1}, policy, args))
@@ -331,8 +334,12 @@ def run_share(args: argparse.Namespace) -> None:
     print()
     print(f"{'case':<34} {'policy':<6} {'result':<60}")
     for r in rows:
-        if r["case"] in ("a", "b"):
-            what = "flood of 64 x 200 tokens" if r["case"] == "a" else "KV pressure, 3 tenants"
+        if r["case"] in ("a", "b", "b'"):
+            what = {
+                "a": "flood of 64 x 200 tokens",
+                "b": "KV pressure, 2 tenants",
+                "b'": "KV pressure, own queue, prio -1",
+            }[r["case"]]
             result = (
                 f"p50 {r['p50_s']:.2f} s, p99 {r['p99_s']:.2f} s (idle p50 {r['idle_p50_s']:.2f},"
                 f" p99 {r['idle_p99_s']:.2f}); {r['preemptions']} preemptions"

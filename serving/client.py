@@ -146,6 +146,9 @@ def build_request(
     cache_salt = options.pop("cache_salt", None)
     if cache_salt is not None:
         request.cache_salt = cache_salt
+    priority = options.pop("priority", None)
+    if priority is not None:
+        request.priority = priority
     for name, value in options.items():
         if value is None:
             continue
@@ -284,7 +287,8 @@ class Client(_Base):
         """Generate the whole answer. ``options``: max_new_tokens, temperature, top_k, top_p,
         min_p, repetition_penalty, seed, stop, stop_token_ids, include_stop_str_in_output,
         ignore_eos, skip_special_tokens, logprobs, request_id, cache_salt (reuse cached KV
-        blocks only between requests with the same salt)."""
+        blocks only between requests with the same salt), priority (among your own requests:
+        lower runs sooner)."""
         request = build_request(prompt, adapter, options)
         response, call = self.generation.Generate.with_call(request, **self._kw(timeout))
         result = result_of(response)

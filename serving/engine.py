@@ -437,6 +437,7 @@ class LLMEngine:
                 [r.params for r in sampling],
                 [r.generator for r in sampling],
                 [r.token_ids for r in sampling],
+                [r.num_prompt_tokens for r in sampling],
             )
         except Exception as e:
             # The step's requests fail, and so do those waiting for a prefix it was filling

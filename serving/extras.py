@@ -13,6 +13,7 @@ EXTRAS: dict[str, str] = {
     "quant": "bitsandbytes",
     "peft": "peft",
     "ray": "ray.serve",
+    "http": "fastapi",
 }
 """Extra name -> the module it installs."""
 

@@ -1,6 +1,7 @@
 """Turn the last-position logits of a batch into one next token per request.
 
-Processing follows HF transformers' ``generate``: repetition penalty -> greedy rows take the argmax
+Processing follows HF transformers' ``generate``: repetition penalty (and OpenAI's frequency and
+presence penalties over the output) -> greedy rows take the argmax
 -> temperature -> top-k -> top-p -> min-p -> sample. Sampling draws ``Exp(1)`` noise ``E`` over the
 vocabulary and picks ``argmax(probs / E)``, which selects token ``j`` with probability ``probs[j]``.
 A row with its own generator draws its noise from that generator alone, so a seeded request gets
@@ -74,6 +75,31 @@ def apply_repetition_penalty(
     return torch.where(seen, torch.where(logits < 0, logits * p, logits / p), logits)
 
 
+def apply_frequency_presence_penalties(
+    logits: torch.Tensor,
+    frequency: torch.Tensor,
+    presence: torch.Tensor,
+    outputs: Sequence[Sequence[int]],
+) -> torch.Tensor:
+    """OpenAI's penalties; returns a new tensor.
+
+    logits: (R, V) fp32; frequency, presence: (R,); outputs: R lists of the tokens generated so
+    far (not the prompt). ``logit[t] -= frequency * count(t) + presence * (count(t) > 0)``.
+    """
+    vocab = logits.shape[1]
+    counts = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
+    for r, tokens in enumerate(outputs):
+        ids = torch.as_tensor(list(tokens), dtype=torch.long)
+        ids = ids[ids < vocab]
+        if len(ids):
+            counts[r].index_add_(
+                0, ids.to(logits.device), torch.ones(len(ids), device=logits.device)
+            )
+    f = frequency.to(logits.device, torch.float32).unsqueeze(1)
+    p = presence.to(logits.device, torch.float32).unsqueeze(1)
+    return logits - f * counts - p * (counts > 0).float()
+
+
 def apply_top_k_top_p_min_p(
     logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
 ) -> torch.Tensor:
@@ -129,10 +155,13 @@ class Sampler:
         params: Sequence[SamplingParams],
         generators: Sequence[torch.Generator | None],
         history: Sequence[Sequence[int]],
+        prompt_lens: Sequence[int] | None = None,
     ) -> SamplerOutput:
         """logits: (B, V) any float dtype (computed in fp32); params, generators, history: (B,).
 
-        ``history[b]`` is row b's prompt + generated ids so far (used for the repetition penalty).
+        ``history[b]`` is row b's prompt + generated ids so far (used for the repetition
+        penalty), ``prompt_lens[b]`` how many of them are the prompt (the frequency and presence
+        penalties count the rest; default: all are output).
         ``generators[b]`` is the request's own generator (see ``request_generator``) or None.
         """
         batch = logits.shape[0]
@@ -149,6 +178,16 @@ class Sampler:
             idx = torch.tensor(penalized, device=scores.device)
             rows_history = [history[b] for b in penalized]
             scores[idx] = apply_repetition_penalty(scores[idx], penalties, rows_history)
+        openai = [b for b, p in enumerate(params) if p.frequency_penalty or p.presence_penalty]
+        if openai:
+            idx = torch.tensor(openai, device=scores.device)
+            starts = prompt_lens or [0] * batch
+            scores[idx] = apply_frequency_presence_penalties(
+                scores[idx],
+                torch.tensor([params[b].frequency_penalty for b in openai]),
+                torch.tensor([params[b].presence_penalty for b in openai]),
+                [history[b][starts[b] :] for b in openai],
+            )
 
         tokens = torch.empty(batch, dtype=torch.long, device=scores.device)
         greedy = [b for b, p in enumerate(params) if p.greedy]

@@ -40,6 +40,12 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     """HF semantics: a token already in prompt or output has its logit divided by the penalty
     if positive, multiplied if negative; 1 = off."""
+    frequency_penalty: float = 0.0
+    """OpenAI semantics: subtracted from a token's logit once per time it occurs in the output
+    so far (not the prompt); in [-2, 2], 0 = off."""
+    presence_penalty: float = 0.0
+    """OpenAI semantics: subtracted from the logit of every token that occurs in the output so
+    far; in [-2, 2], 0 = off."""
     seed: int | None = None
     """Seeds this request's own generator: same seed, same prompt, same tokens, whatever else is
     in the batch. None draws from the engine's shared generator."""
@@ -100,6 +106,10 @@ class SamplingParams:
         r = self.repetition_penalty
         if not _is_real(r) or not math.isfinite(r) or r <= 0:
             raise ValueError(f"repetition_penalty must be a finite number > 0, got {shorten(r)}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            if not _is_real(value) or not -2.0 <= value <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {shorten(value)}")
 
 
 def _is_int(value: object) -> bool:

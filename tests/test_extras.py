@@ -1,4 +1,5 @@
-"""The optional extras are optional: with triton, bitsandbytes, peft and ray not installed (hidden
+"""The optional extras are optional: with triton, bitsandbytes, peft, ray and the HTTP API's
+fastapi and uvicorn not installed (hidden
 from the import system in a subprocess), the engine serves on a CPU, and choosing a feature that
 needs a missing extra fails with a message naming the extra to install."""
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-EXTRAS = ("triton", "bitsandbytes", "peft", "ray")
+EXTRAS = ("triton", "bitsandbytes", "peft", "ray", "fastapi", "uvicorn", "multipart", "openai")
 ADAPTERS = Path(__file__).parents[1] / "examples" / "adapters"
 
 HIDE = """
@@ -119,3 +120,26 @@ sys.exit(main(["serve", "--ray", "--port", "0"]))
     )
     assert done.returncode == 2, done.stdout + done.stderr
     assert "pip install 'prefixserve[ray]'" in done.stderr
+
+
+def test_the_http_api_without_its_extra_names_the_extra(tiny_model_dir):
+    model = tiny_model_dir("llama")
+    done = run_without(
+        ("fastapi", "uvicorn"),
+        f"""
+import asyncio
+from prefixserve.extras import MissingExtraError
+from prefixserve.server import PrefixServer, ServerConfig
+from prefixserve.config import EngineConfig
+config = ServerConfig(EngineConfig.from_kwargs(model={str(model)!r}), port=0, http_port=0)
+async def start():
+    server = PrefixServer(config)
+    try:
+        await server.start()
+    except MissingExtraError as exc:
+        print("refused:", exc)
+asyncio.run(start())
+""",
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "pip install 'prefixserve[http]'" in done.stdout, done.stdout + done.stderr

@@ -75,7 +75,10 @@ class AdapterService(pb_grpc.AdapterServiceServicer):
     async def LoadAdapter(
         self, request: pb.LoadAdapterRequest, context: aio.ServicerContext
     ) -> pb.Adapter:
-        tenant = self.state.authenticate(context)
+        return await self.load(self.state.authenticate(context), request)
+
+    async def load(self, tenant: Tenant, request: pb.LoadAdapterRequest) -> pb.Adapter:
+        """Load an adapter for ``tenant`` (the gRPC and HTTP APIs' one transaction)."""
         engine = self.state.ready()
         public = request.public or self.state.keys.open
         if public and not tenant.admin:
@@ -209,7 +212,12 @@ class AdapterService(pb_grpc.AdapterServiceServicer):
     async def UnloadAdapter(
         self, request: pb.UnloadAdapterRequest, context: aio.ServicerContext
     ) -> pb.UnloadAdapterResponse:
-        tenant = self.state.authenticate(context)
+        return await self.unload(self.state.authenticate(context), request)
+
+    async def unload(
+        self, tenant: Tenant, request: pb.UnloadAdapterRequest
+    ) -> pb.UnloadAdapterResponse:
+        """Unload an adapter ``tenant`` may unload (its own; any, for admins)."""
         engine = self.state.ready()
         record = self._resolve(tenant, request.name, request.owner)
         if record.owner is None and not tenant.admin:
@@ -259,7 +267,10 @@ class AdapterService(pb_grpc.AdapterServiceServicer):
     async def GetAdapter(
         self, request: pb.GetAdapterRequest, context: aio.ServicerContext
     ) -> pb.Adapter:
-        tenant = self.state.authenticate(context)
+        return await self.get(self.state.authenticate(context), request)
+
+    async def get(self, tenant: Tenant, request: pb.GetAdapterRequest) -> pb.Adapter:
+        """An adapter as ``tenant`` sees it."""
         engine = self.state.ready()
         record = self._resolve(tenant, request.name, request.owner)
         (info,) = await engine.adapter_info([record.engine_name])

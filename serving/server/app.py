@@ -11,6 +11,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc import aio
@@ -23,6 +24,7 @@ from .._proto import prefixserve_pb2_grpc as pb_grpc
 from ..async_engine import AsyncEngine
 from ..config import EngineConfig
 from ..engine import LLMEngine
+from ..extras import require
 from .adapter_service import AdapterService, restore_adapters
 from .config import ServerConfig
 from .errors import ErrorInterceptor, request_limits
@@ -61,6 +63,10 @@ class PrefixServer:
         self.health = health.aio.HealthServicer()
         self.port = 0
         self.metrics_port: int | None = None
+        self.http_port: int | None = None
+        """The HTTP API's port once listening (None: not served)."""
+        self._http: Any = None
+        self._http_task: asyncio.Task[None] | None = None
         # gRPC's own limit must let uploads through; every other RPC has its own, smaller limit
         # that the interceptor checks before parsing (and that names the limit).
         limits = request_limits(config.max_upload_bytes, config.max_request_bytes)
@@ -81,6 +87,8 @@ class PrefixServer:
 
     async def start(self) -> None:
         """Listen; health says NOT_SERVING until :meth:`load` finishes."""
+        if self.config.http_port is not None:  # before anything listens
+            require("http", "the HTTP API (--http-port)")
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         target = f"{self.config.host}:{self.config.port}"
@@ -90,6 +98,8 @@ class PrefixServer:
         else:
             self.port = self._grpc.add_insecure_port(target)
         await self._grpc.start()
+        if self.config.http_port is not None:
+            await self._start_http(self.config.http_port)
         if self.config.metrics_port is not None:
             self.metrics_port = self.state.metrics.serve(
                 self.config.metrics_port,
@@ -98,6 +108,32 @@ class PrefixServer:
                 public=self.config.public_metrics,
             )
         logger.info("listening on %s (model loading)", self.address)
+
+    async def _start_http(self, port: int) -> None:
+        """Serve the OpenAI-compatible API with uvicorn in this event loop."""
+        import uvicorn
+
+        from .http_api import create_app
+
+        app = create_app(self.state, self.adapters, self.config.max_request_bytes)
+        config = uvicorn.Config(
+            app,
+            host=self.config.host,
+            port=port,
+            log_level="warning",
+            lifespan="off",
+            timeout_graceful_shutdown=int(self.config.shutdown_grace),
+        )
+        self._http = uvicorn.Server(config)
+        self._http.install_signal_handlers = lambda: None  # the server's own handlers stop it
+        self._http_task = asyncio.create_task(self._http.serve())
+        while not self._http.started:
+            if self._http_task.done():
+                self._http_task.result()  # a port in use, say: raise it here
+                raise RuntimeError("the HTTP API stopped as it started")
+            await asyncio.sleep(0.01)
+        self.http_port = int(self._http.servers[0].sockets[0].getsockname()[1])
+        logger.info("OpenAI-compatible HTTP API on %s:%d", self.config.host, self.http_port)
 
     async def load(self) -> None:
         """Load the model (in a worker thread) and the adapters, then report SERVING."""
@@ -124,7 +160,12 @@ class PrefixServer:
         seconds (default ``config.shutdown_grace``), then abort what is left."""
         grace = self.config.shutdown_grace if grace is None else grace
         await self.health.enter_graceful_shutdown()
-        await self._grpc.stop(grace)
+        stopping = [self._grpc.stop(grace)]
+        if self._http is not None and self._http_task is not None:
+            self._http.config.timeout_graceful_shutdown = max(1, round(grace))
+            self._http.should_exit = True
+            stopping.append(self._http_task)
+        await asyncio.gather(*stopping)
         await self.adapters.drain()  # loads and unloads finish (or undo) before the engine stops
         if self.state.engine is not None:
             await self.state.engine.shutdown(timeout=0)

@@ -79,6 +79,10 @@ class ServerConfig:
     """PEM certificate chain; with tls_key the server speaks TLS only."""
     tls_key: str | None = field(default=None, metadata=flag(metavar="PEM"))
     """PEM private key (with tls_cert)."""
+    http_port: int | None = None
+    """Port of the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
+    /v1/models, /v1/adapters) beside gRPC, on the same engine and tenants; None = none,
+    0 = a free port."""
     metrics_port: int | None = None
     """Prometheus /metrics HTTP port; None = off, 0 = a free port."""
     metrics_host: str | None = None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
@@ -25,7 +25,7 @@ from ..engine import Prompt
 from ..engine_client import EngineClient
 from ..quota import TenantQuota
 from ..request import RequestOutput
-from ..sampling_params import MAX_LOGPROBS
+from ..sampling_params import MAX_LOGPROBS, SamplingParams
 from ..types import Origin
 from . import protocol
 from .errors import NotReadyError, outcome_of
@@ -61,6 +61,68 @@ class ServingState:
 
     def authenticate(self, context: aio.ServicerContext) -> Tenant:
         return self.keys.authenticate(context.invocation_metadata())
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationCall:
+    """One generation request as a front end (gRPC or HTTP) received it."""
+
+    tenant: Tenant
+    adapter: str
+    """The adapter as the tenant names it; '' = the base model."""
+    prompt: Callable[[], Prompt]
+    """Its token ids (tokenizing in a worker thread: it may take a while)."""
+    params: Callable[[], SamplingParams]
+    """Its sampling parameters (validated after the adapter is found)."""
+    request_id: str
+    """Unique on this front end (the engine's id prefixes the tenant)."""
+    priority: int = 0
+    cache_salt: str | None = None
+
+
+async def generation(
+    state: ServingState, call: GenerationCall, ended_early: Callable[[], str]
+) -> AsyncGenerator[RequestOutput, None]:
+    """The engine's outputs for ``call``, timed and counted. The one path of every front end:
+    the adapter resolved as the tenant sees it, the origin (tenant, weight, priority, cache
+    scope) set, the request counted in the metrics by how it ended: its finish reason,
+    ``ended_early()`` when its client went away first, an error by who caused it
+    (:func:`~prefixserve.server.errors.outcome_of`; 'error' only for the server's faults).
+    """
+    tenant = call.tenant
+    engine = state.ready()
+    adapter = state.registry.resolve(tenant, call.adapter) if call.adapter else None
+    params = call.params()
+    prompt = await asyncio.to_thread(call.prompt)  # tokenizing can take a while
+    name = adapter.engine_name if adapter is not None else None
+    tracker = state.metrics.track(name, tenant.name)
+    outcome = "error"
+    try:
+        origin = Origin(
+            tenant=tenant.name,
+            weight=tenant.weight,
+            priority=call.priority,
+            cache_salt=call.cache_salt,
+            share_cache=state.share_public_prefix_cache
+            and adapter is not None
+            and adapter.owner is None,
+        )
+        request_id = f"{tenant.name}:{call.request_id}"
+        outputs = engine.generate(prompt, params, request_id, adapter=name, origin=origin)
+        async for out in outputs:
+            tracker.on_output(out)
+            if out.finished:
+                outcome = out.finish_reason or "abort"
+            yield out
+    except (asyncio.CancelledError, GeneratorExit):
+        if outcome == "error":  # gone before the end (not after its last output)
+            outcome = ended_early()
+        raise
+    except Exception as error:
+        outcome = outcome_of(error)
+        raise
+    finally:
+        tracker.finish(outcome)
 
 
 def model_name(model_path: str) -> str:
@@ -138,50 +200,28 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
     async def _outputs(
         self, request: pb.GenerateRequest, context: aio.ServicerContext
     ) -> AsyncGenerator[RequestOutput, None]:
-        """The engine's outputs for ``request``, timed.
+        """The engine's outputs for ``request`` (:func:`generation`); a client that goes
+        away ends it as 'cancelled', one whose deadline passed as 'deadline' (grpc cancels the
+        handler, CancelledError, or, while a stream waits to send, closes this generator,
+        GeneratorExit at its ``yield``)."""
 
-        Counted as 'cancelled' when the client goes away and 'deadline' when its deadline
-        passes (grpc then cancels the handler, CancelledError, or, while a stream waits to send,
-        closes this generator, GeneratorExit at its ``yield``); an error by who caused it
-        (:func:`~prefixserve.server.errors.outcome_of`): 'error' only for the server's faults.
-        """
-        tenant = self.state.authenticate(context)
-        engine = self.state.ready()
-        adapter = self.state.registry.resolve(tenant, request.adapter) if request.adapter else None
-        params = protocol.sampling_params(request)
-        prompt = await asyncio.to_thread(self._prompt, request)  # tokenizing can take a while
-        name = adapter.engine_name if adapter is not None else None
-        request_id = f"{tenant.name}:{request.request_id or 'req'}:{next(self._ids)}"
-        tracker = self.state.metrics.track(name, tenant.name)
-        outcome = "error"
-        try:
-            origin = Origin(
-                tenant=tenant.name,
-                weight=tenant.weight,
-                priority=request.priority,
-                cache_salt=request.cache_salt if request.HasField("cache_salt") else None,
-                share_cache=self.state.share_public_prefix_cache
-                and adapter is not None
-                and adapter.owner is None,
-            )
-            outputs = engine.generate(prompt, params, request_id, adapter=name, origin=origin)
+        def ended_early() -> str:
+            # grpc ends a call at its deadline, give or take a few milliseconds
+            remaining = context.time_remaining()
+            return "deadline" if remaining is not None and remaining < 0.1 else "cancelled"
+
+        call = GenerationCall(
+            tenant=self.state.authenticate(context),
+            adapter=request.adapter,
+            prompt=lambda: self._prompt(request),
+            params=lambda: protocol.sampling_params(request),
+            request_id=f"{request.request_id or 'req'}:{next(self._ids)}",
+            priority=request.priority,
+            cache_salt=request.cache_salt if request.HasField("cache_salt") else None,
+        )
+        async with contextlib.aclosing(generation(self.state, call, ended_early)) as outputs:
             async for out in outputs:
-                tracker.on_output(out)
-                if out.finished:
-                    outcome = out.finish_reason or "abort"
                 yield out
-        except (asyncio.CancelledError, GeneratorExit):
-            if outcome == "error":  # gone before the end (not after its last output)
-                # grpc ends a call at its deadline, give or take a few milliseconds
-                remaining = context.time_remaining()
-                expired = remaining is not None and remaining < 0.1
-                outcome = "deadline" if expired else "cancelled"
-            raise
-        except Exception as error:
-            outcome = outcome_of(error)
-            raise
-        finally:
-            tracker.finish(outcome)
 
     def _prompt(self, request: pb.GenerateRequest) -> Prompt:
         """The prompt's token ids, tokenized here (in a worker thread) rather than on the event
