@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -355,3 +356,39 @@ def test_health_is_503_while_loading(model_dir, tmp_path):
         assert loading_status in (503, 200)  # 200 only if the tiny model loaded at once
     finally:
         server.stop()
+
+
+def test_a_full_queue_is_429_with_retry_after(model_dir, tmp_path):
+    config = server_config(model_dir, tmp_path / "registry", http_port=0, max_waiting=0)
+    with BackgroundServer(config) as running:
+        body = {"model": _model(running), "prompt": PROMPT, "max_tokens": 2}
+        status, content, headers = _http(running, "POST", "/v1/completions", body)
+    assert status == 429 and headers["retry-after"] == "1"
+    assert "retry later" in content["error"]["message"]
+    assert content["error"]["type"] == "rate_limit_error"
+
+
+def test_the_readme_curl_examples_work_as_written(server):
+    """Every curl line of the README's HTTP section, run against this server (its port, key
+    and model): each succeeds and answers JSON, or Server-Sent Events ending in [DONE]."""
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("curl is not installed")
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## OpenAI-compatible HTTP API", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = [c.strip() for c in block.replace("\\\n", " ").splitlines() if c.startswith("curl")]
+    assert len(commands) >= 5, block
+    for command in commands:
+        command = (
+            command.replace("localhost:8000", f"127.0.0.1:{server.server.http_port}")
+            .replace("sk-acme-1234", KEYS["acme"])
+            .replace("smollm2-135m-instruct-v1", _model(server))
+        )
+        done = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, (command, done.stderr)
+        if '"stream": true' in command:
+            assert done.stdout.rstrip().endswith("data: [DONE]"), done.stdout
+            continue
+        answer = json.loads(done.stdout)
+        assert "error" not in answer, (command, answer)
