@@ -11,12 +11,14 @@ Many tenants share the engine, so no tenant may hold the others up (``scheduling
 the default; ``"fcfs"`` is one queue in arrival order, preempting the latest admitted):
 * waiting requests are admitted from the tenant that has received the least service, weighted
   (:mod:`~prefixserve.fair_share`: the Virtual Token Counter); by priority, then arrival, within a
-  tenant. One tenant alone is scheduled in arrival order, as with ``fcfs``;
+  tenant. One tenant alone, at one priority, is scheduled exactly as with ``fcfs``;
 * a tenant whose next request cannot run for want of slots or blocks, while it holds less than
   its fair share of them, preempts the latest request (lowest priority first) of the tenant
-  furthest over its share; a request runs ``preemption_min_steps`` steps before that may hit it
-  again, so the pool does not thrash. When a running request needs a block and none is left,
-  the victim is likewise the latest of the tenant furthest over its share of blocks;
+  furthest over its share; at its share, it preempts its own running requests of lower priority
+  than that one (vLLM's priority scheduling, within a tenant). A request runs
+  ``preemption_min_steps`` steps before that may hit it again, so the pool does not thrash.
+  When a running request needs a block and none is left, the victim is likewise the latest of
+  the tenant furthest over its share of blocks;
 * while requests wait, running prefills leave ``long_prefill_token_threshold`` tokens of the
   budget to them, so a short request starts at the next step even behind a long prompt;
 * an adapter's prefix is filled in chunks, like a prompt, as steps of their own (``fills``);
@@ -154,9 +156,10 @@ class Scheduler:
 
     def _preempt_for_share(self, out: SchedulerOutput) -> None:
         """If the next request to admit cannot run for want of a slot or of blocks, find the
-        first tenant in admission order that holds less than its fair share of them, and
-        preempt requests of the tenant furthest over its share until that tenant's next
-        request can run (or no request may be preempted)."""
+        first tenant in admission order that may take them: one under its fair share preempts
+        requests of the tenant furthest over its share; one at its share preempts its own
+        requests of lower priority than its next one. Until that request can run, or no
+        request may be preempted."""
         seen: set[str] = set()
         for head in self._admission_order():
             if head.tenant in seen:
@@ -166,11 +169,14 @@ class Scheduler:
             if not slots and self._blocks_to_admit(head) <= self._room():
                 return  # it can run: nobody needs preempting
             total = self.config.max_num_seqs if slots else self.allocator.num_blocks
-            if self._held(slots)[head.tenant] >= self.fair.share(head.tenant, total):
+            under = self._held(slots)[head.tenant] < self.fair.share(head.tenant, total)
+            if not under and self._lower_priority(head) is None:
                 continue  # this tenant has its share and waits its turn
             while slots or self._blocks_to_admit(head) > self._room():
-                victim = self._victim(
-                    self._held(slots), total, exclude=head.tenant, eligible_only=True
+                victim = (
+                    self._victim(self._held(slots), total, exclude=head.tenant, eligible_only=True)
+                    if under
+                    else self._lower_priority(head)
                 )
                 if victim is None:
                     return
@@ -178,6 +184,17 @@ class Scheduler:
                 self._preempt(victim, out)
                 slots = len(self.running) >= self.config.max_num_seqs
             return
+
+    def _lower_priority(self, head: Request) -> Request | None:
+        """The running request of ``head``'s tenant with the lowest priority below ``head``'s
+        (the latest of them) that ran its minimum steps; None if there is none."""
+        floor = self._steps - self.config.preemption_min_steps
+        mine = [
+            r
+            for r in self.running
+            if r.tenant == head.tenant and r.priority > head.priority and r.admitted_step <= floor
+        ]
+        return max(reversed(mine), key=lambda r: r.priority) if mine else None
 
     def _held(self, slots: bool) -> Counter[str]:
         """Running slots (``slots``) or own KV blocks held by each tenant's running requests."""

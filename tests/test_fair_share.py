@@ -182,3 +182,18 @@ def test_weights_must_be_positive():
     scheduler, _, _ = make()
     with pytest.raises(ValueError, match="weight must be > 0"):
         scheduler.add(_request("r", "a", 3, 1, weight=0))
+
+
+def test_a_tenant_at_its_share_preempts_its_own_lower_priority_requests():
+    scheduler, _, _ = make(blocks=4096, max_num_seqs=2, preemption_min_steps=1)
+    scheduler.add(_request("batch0", "a", 4, 50, priority=1))
+    scheduler.add(_request("batch1", "a", 4, 50, priority=1))
+    _step(scheduler)
+    _step(scheduler)
+    scheduler.add(_request("chat", "a", 3, 1, priority=-1))  # 'a' alone: at its share
+    out, finished = _step(scheduler)
+    assert [r.request_id for r in out.preempted] == ["batch1"]
+    assert [r.request_id for r in finished] == ["chat"]
+    scheduler.add(_request("same", "a", 3, 1, priority=1))  # no better than those running
+    out, _ = _step(scheduler)
+    assert not out.preempted

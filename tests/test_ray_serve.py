@@ -109,6 +109,7 @@ def server(ray_cluster, tiny_model_dir, adapters, tmp_path_factory):  # noqa: F8
         tmp_path_factory.mktemp("registry"),
         max_upload_bytes=MAX_UPLOAD,
         max_request_bytes=MAX_REQUEST,
+        http_port=0,
     )
     config.engine.attention_backend = ATTENTION
     with BackgroundFleetServer(config, FleetConfig(replicas=2, adapter_sync_s=0.5)) as running:
@@ -430,3 +431,22 @@ def test_a_conversation_stays_where_its_blocks_are_cached(server):
                 assert (out.usage.cached_tokens > 0) == (turn > 0), (c, turn)
                 prompt = [*prompt, *out.token_ids, 7, 8]
             assert len(replicas) == 1, f"conversation {c} went to {replicas}"
+
+
+def test_the_http_api_serves_through_the_fleet(server, offline):
+    """The OpenAI API of the front end reaches the replicas like gRPC: same answers, and a
+    tenant's adapter private to it."""
+    openai = pytest.importorskip("openai", reason="the HTTP API tests use the openai client")
+    base_url = f"http://127.0.0.1:{server.server.http_port}/v1"
+    ours = openai.OpenAI(base_url=base_url, api_key=KEYS["acme"], max_retries=0)
+    out = ours.completions.create(
+        model="pirate", prompt="The quick brown fox", max_tokens=6, temperature=0
+    )
+    want = offline.generate(
+        ["The quick brown fox"], SamplingParams(max_new_tokens=6), adapter="pirate"
+    )
+    assert out.choices[0].text == want[0].text
+    assert "pirate" in {m.id for m in ours.models.list()}
+    globex = openai.OpenAI(base_url=base_url, api_key=KEYS["globex"], max_retries=0)
+    with pytest.raises(openai.NotFoundError):
+        globex.completions.create(model="pirate", prompt="Hi", max_tokens=2)

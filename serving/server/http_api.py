@@ -450,19 +450,6 @@ class Completion:
     ) -> AsyncGenerator[dict[str, Any], None]:
         """Chunks of every choice as they come (merged), then the usage if asked for."""
         obj = "chat.completion.chunk" if chat else "text_completion"
-        queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
-
-        async def pump(index: int, outputs: Outputs) -> None:
-            try:
-                async with contextlib.aclosing(outputs) as stream:
-                    async for out in stream:
-                        await queue.put((index, out))
-            except Exception as error:
-                await queue.put((index, error))
-            finally:
-                await queue.put((index, None))
-
-        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
         finals: dict[int, RequestOutput] = {}
         try:
             if chat:
@@ -475,39 +462,74 @@ class Completion:
                         "finish_reason": None,
                     }
                     yield self._envelope(obj, choices=[choice])
-            done = 0
-            while done < len(streams):
-                index, item = await queue.get()
-                if item is None:
-                    done += 1
-                    continue
-                if isinstance(item, BaseException):
-                    raise item
-                step = len(item.delta_token_ids)
-                logprobs = None
-                if item.logprobs is not None and step:
-                    logprobs = _logprobs(item.logprobs[len(item.logprobs) - step :], state, chat)
-                text_field = (
-                    {"delta": {"content": item.delta_text}} if chat else {"text": item.delta_text}
-                )
-                finish = _finish(item.finish_reason) if item.finished else None
-                if item.delta_text or finish or logprobs:
-                    choice = {
-                        "index": index,
-                        **text_field,
-                        "logprobs": logprobs,
-                        "finish_reason": finish,
-                    }
-                    yield self._envelope(obj, choices=[choice])
-                if item.finished:
-                    finals[index] = item
+            merged = contextlib.aclosing(_merged(streams))
+            async with merged as items:
+                async for index, item in items:
+                    step = len(item.delta_token_ids)
+                    logprobs = None
+                    if item.logprobs is not None and step:
+                        logprobs = _logprobs(
+                            item.logprobs[len(item.logprobs) - step :], state, chat
+                        )
+                    text_field = (
+                        {"delta": {"content": item.delta_text}}
+                        if chat
+                        else {"text": item.delta_text}
+                    )
+                    finish = _finish(item.finish_reason) if item.finished else None
+                    if item.delta_text or finish or logprobs:
+                        choice = {
+                            "index": index,
+                            **text_field,
+                            "logprobs": logprobs,
+                            "finish_reason": finish,
+                        }
+                        yield self._envelope(obj, choices=[choice])
+                    if item.finished:
+                        finals[index] = item
             if include_usage:
                 outs = [finals[i] for i in sorted(finals)]
                 yield self._envelope(obj, choices=[], usage=_usage(outs, self.n))
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            for stream in streams:  # those not run to their end abort their requests
+                await stream.aclose()
+
+
+async def _merged(
+    streams: Sequence[Outputs],
+) -> AsyncGenerator[tuple[int, RequestOutput], None]:
+    """``(index, output)`` of every stream as they come; one stream is read directly (no task
+    per token on the common path, ``n=1``)."""
+    if len(streams) == 1:
+        async for out in streams[0]:
+            yield 0, out
+        return
+    queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
+
+    async def pump(index: int, outputs: Outputs) -> None:
+        try:
+            async for out in outputs:
+                await queue.put((index, out))
+        except Exception as error:
+            await queue.put((index, error))
+        finally:
+            await queue.put((index, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        done = 0
+        while done < len(streams):
+            index, item = await queue.get()
+            if item is None:
+                done += 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _last(outputs: Outputs) -> RequestOutput:
