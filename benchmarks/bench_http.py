@@ -2,7 +2,8 @@
 
 Workload: ``--requests`` chat requests at once ("Tell me about <topic>."), ``--new-tokens``
 greedy tokens each (eos ignored), streamed: with prefixserve's gRPC client (GenerateStream) and
-with the official ``openai`` client (``/v1/chat/completions``, ``stream=True``), on the default
+with the official ``openai`` client (``/v1/chat/completions``, ``stream=True``; ``--client light``:
+a bare SSE reader, to tell the server's cost from the client's), on the default
 model in fp32, alternating ``--rounds`` times so that a busy moment cannot favour one side.
 The clients run in a process of their own (as real clients would): their parsing must not take
 the server's interpreter lock.
@@ -57,6 +58,43 @@ async def over_grpc(address: str, args: argparse.Namespace) -> tuple[float, floa
         return time.perf_counter() - start, sum(firsts) / len(firsts)
 
 
+async def over_http_light(port: int, model: str, args: argparse.Namespace) -> tuple[float, float]:
+    """The HTTP load with a bare SSE reader (httpx2, one ``json.loads`` a chunk): what the
+    server costs, with less of the client's own parsing on the shared CPU."""
+    import json
+
+    import httpx2
+
+    headers = {"Authorization": f"Bearer {KEY}"}
+    async with httpx2.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=3600) as client:
+
+        async def one(messages: list[dict[str, str]]) -> float:
+            start = time.perf_counter()
+            first = None
+            body = {
+                "model": model,
+                "messages": messages,
+                "max_tokens": args.new_tokens,
+                "temperature": 0,
+                "stream": True,
+                "ignore_eos": True,
+            }
+            async with client.stream(
+                "POST", "/v1/chat/completions", json=body, headers=headers
+            ) as response:
+                async for line in response.aiter_lines():
+                    if line.startswith("data: {") and first is None:
+                        chunk = json.loads(line[6:])
+                        if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                            first = time.perf_counter() - start
+            assert first is not None
+            return first
+
+        start = time.perf_counter()
+        firsts = await asyncio.gather(*(one(m) for m in questions(args.requests)))
+        return time.perf_counter() - start, sum(firsts) / len(firsts)
+
+
 async def over_http(port: int, model: str, args: argparse.Namespace) -> tuple[float, float]:
     import openai
 
@@ -92,6 +130,8 @@ def run_side(side: str, target: str, model: str, args: argparse.Namespace) -> tu
     """One load of ``side`` (in the client process)."""
     if side == "grpc":
         return asyncio.run(over_grpc(target, args))
+    if args.client == "light":
+        return asyncio.run(over_http_light(int(target), model, args))
     return asyncio.run(over_http(int(target), model, args))
 
 
@@ -100,6 +140,12 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--client",
+        choices=["openai", "light"],
+        default="openai",
+        help="HTTP client: the official openai one, or a bare SSE reader (server cost alone)",
+    )
     parser.add_argument("--json", default="benchmarks/results/http.json")
     args = parser.parse_args()
     config = ServerConfig(
@@ -116,7 +162,7 @@ def main() -> None:
         assert server.server is not None and server.server.http_port is not None
         model = server.server.state.model_info.model
         targets = {"grpc": server.address, "http": str(server.server.http_port)}
-        small = argparse.Namespace(requests=2, new_tokens=2)
+        small = argparse.Namespace(requests=2, new_tokens=2, client=args.client)
         for side in ("grpc", "http"):  # warm both paths
             clients.submit(run_side, side, targets[side], model, small).result()
         for r in range(args.rounds):
