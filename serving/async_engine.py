@@ -9,6 +9,7 @@ aborts its request, which frees its blocks at the next step boundary.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import queue
@@ -73,7 +74,9 @@ class AsyncEngine:
         ``origin``: who sent it (tenant, weight, priority, cache scope). Raises ``ValueError``
         for invalid input, :class:`QueueFullError` when the queue (or the tenant's share of it)
         is full, and :class:`EngineDeadError` if the engine stopped.
-        Leaving the loop early aborts it.
+        Leaving the loop early aborts it. A caller that falls behind gets one output for all
+        the steps that came meanwhile (their deltas joined), as vLLM's output collector does:
+        a slow stream costs fewer messages, not more.
         """
         request_id = request_id or f"async-{next(self._ids)}"
         loop = asyncio.get_running_loop()
@@ -108,8 +111,11 @@ class AsyncEngine:
                 item = await stream.get()
                 if isinstance(item, BaseException):
                     raise item
+                item, error = _coalesce(item, stream)
                 finished = item.finished
                 yield item
+                if error is not None:
+                    raise error
                 if finished:
                     return
         finally:
@@ -305,3 +311,21 @@ class AsyncEngine:
     def _abort_all(self) -> None:
         for out in self.engine.abort_all():
             self._push(out.request_id, out)
+
+
+def _coalesce(
+    item: RequestOutput, stream: asyncio.Queue[Any]
+) -> tuple[RequestOutput, BaseException | None]:
+    """``item`` joined with the outputs already queued behind it (each cumulative, so the
+    latest stands for all, with the deltas concatenated); an error queued among them comes
+    back second, to raise once the output before it is delivered."""
+    while not item.finished and not stream.empty():
+        later = stream.get_nowait()
+        if isinstance(later, BaseException):
+            return item, later
+        item = dataclasses.replace(
+            later,
+            delta_text=item.delta_text + later.delta_text,
+            delta_token_ids=[*item.delta_token_ids, *later.delta_token_ids],
+        )
+    return item, None

@@ -392,3 +392,13 @@ def test_the_readme_curl_examples_work_as_written(server):
             continue
         answer = json.loads(done.stdout)
         assert "error" not in answer, (command, answer)
+
+
+def test_chat_without_max_tokens_fills_the_context_left_after_the_adapter(server):
+    out = _client(server).chat.completions.create(
+        model="polite", messages=MESSAGES, temperature=0, extra_body={"ignore_eos": True}
+    )
+    limit = server.server.state.model_info.max_model_len
+    prefix = server.engine.prefixes.get("polite").num_tokens
+    assert out.usage.prompt_tokens + out.usage.completion_tokens + prefix == limit
+    assert out.choices[0].finish_reason == "length"

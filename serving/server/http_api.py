@@ -225,6 +225,29 @@ def create_app(state: ServingState, adapters: AdapterService, max_request_bytes:
                 calls.append(generation(state, call, lambda: "cancelled"))
         return calls
 
+    async def prefix_tokens(tenant: Tenant, model: str) -> int:
+        """The prefix length of the adapter ``model`` names (0 for the base model)."""
+        adapter = adapter_of(model)
+        if not adapter:
+            return 0
+        record = state.registry.resolve(tenant, adapter)
+        (info,) = await state.ready().adapter_info([record.engine_name])
+        return info.num_tokens if info is not None else 0
+
+    async def respond(
+        request: Request,
+        body: ChatCompletionRequest | CompletionRequest,
+        streams: list[Outputs],
+        chat: bool,
+    ) -> Response:
+        """The completion as a whole, or as Server-Sent Events when ``body.stream``."""
+        kind = "chat.completion" if chat else "text_completion"
+        completion = Completion(kind, body.model, request.state.request_id, body.n)
+        if body.stream:
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            return _sse(completion.stream(streams, state, include_usage, chat=chat))
+        return JSONResponse(await completion.whole(streams, state, chat=chat))
+
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> Response:
         tenant = tenant_of(request)
@@ -244,14 +267,10 @@ def create_app(state: ServingState, adapters: AdapterService, max_request_bytes:
             return prompt_ids
 
         await asyncio.to_thread(prompt)  # tokenized once, off the event loop
-        context_left = max(1, state.model_info.max_model_len - len(prompt_ids))
-        params = body.sampling_params(context_left)
+        used = len(prompt_ids) + await prefix_tokens(tenant, body.model)
+        params = body.sampling_params(max(1, state.model_info.max_model_len - used))
         streams = runs(request, tenant, body, [prompt], lambda: params)
-        completion = Completion("chat.completion", body.model, request.state.request_id, body.n)
-        if body.stream:
-            include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return _sse(completion.stream(streams, state, include_usage, chat=True))
-        return JSONResponse(await completion.whole(streams, state, chat=True))
+        return await respond(request, body, streams, chat=True)
 
     @app.post("/v1/completions", response_model=None)
     async def completions(request: Request) -> Response:
@@ -267,14 +286,9 @@ def create_app(state: ServingState, adapters: AdapterService, max_request_bytes:
             return lambda: p
 
         params = body.sampling_params()
-        streams = runs(
-            request, tenant, body, [tokenized(p) for p in body.prompts()], lambda: params
-        )
-        completion = Completion("text_completion", body.model, request.state.request_id, body.n)
-        if body.stream:
-            include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return _sse(completion.stream(streams, state, include_usage, chat=False))
-        return JSONResponse(await completion.whole(streams, state, chat=False))
+        prompts = [tokenized(p) for p in body.prompts()]
+        streams = runs(request, tenant, body, prompts, lambda: params)
+        return await respond(request, body, streams, chat=False)
 
     # -- adapters ---------------------------------------------------------------------------
 
