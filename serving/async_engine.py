@@ -79,6 +79,9 @@ class AsyncEngine:
         a slow stream costs fewer messages, not more.
         """
         request_id = request_id or f"async-{next(self._ids)}"
+        if params is not None and params.constraint is not None:
+            # Compiled here, off the engine's thread (then cached): a schema never holds a step.
+            await asyncio.to_thread(self.engine.grammars.compile, params.constraint)
         loop = asyncio.get_running_loop()
         stream: asyncio.Queue[Any] = asyncio.Queue()
 

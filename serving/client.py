@@ -16,6 +16,7 @@ This module needs only grpcio and protobuf (no torch, no transformers).
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,6 +150,18 @@ def build_request(
     priority = options.pop("priority", None)
     if priority is not None:
         request.priority = priority
+    schema = options.pop("json_schema", None)
+    if schema is not None:
+        request.json_schema = schema if isinstance(schema, str) else json.dumps(schema)
+    if options.pop("json_object", False):
+        request.json_object = True
+    for name in ("regex", "grammar"):
+        value = options.pop(name, None)
+        if value is not None:
+            setattr(request, name, value)
+    choice = options.pop("choice", None)
+    if choice is not None:
+        request.choice.options.extend(choice)
     for name, value in options.items():
         if value is None:
             continue
@@ -288,7 +301,8 @@ class Client(_Base):
         min_p, repetition_penalty, seed, stop, stop_token_ids, include_stop_str_in_output,
         ignore_eos, skip_special_tokens, logprobs, request_id, cache_salt (reuse cached KV
         blocks only between requests with the same salt), priority (among your own requests:
-        lower runs sooner)."""
+        lower runs sooner), and at most one output constraint: json_schema (a dict or its
+        text), json_object, regex, choice (a list of strings), grammar (EBNF)."""
         request = build_request(prompt, adapter, options)
         response, call = self.generation.Generate.with_call(request, **self._kw(timeout))
         result = result_of(response)

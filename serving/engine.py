@@ -34,6 +34,7 @@ from .request import FinishReason, ListPrefix, Request, RequestOutput
 from .sampler import Sampler, request_generator
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
+from .structured import GrammarCompiler
 from .text import fewest_tokens, longest_token_chars, shorten
 from .types import AdapterInfo
 
@@ -166,6 +167,8 @@ class LLMEngine:
             self.config.scheduler, self.allocator, self.prefixes, self.block_size
         )
         self.sampler = Sampler()
+        self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, sorted(self.eos_token_ids))
+        """Compiled output constraints (structured output), and each step's token masks."""
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.num_generated_tokens = 0
@@ -226,6 +229,10 @@ class LLMEngine:
             raise ValueError("prompt must not be empty (it has 0 tokens)")
         num_prefix = self.prefixes.get(adapter).num_tokens if adapter is not None else 0
         self._check_fits(num_prefix, len(token_ids), params)
+        constraint = params.constraint
+        matcher = None
+        if constraint is not None:  # compiled by now where a server added it (cached)
+            matcher = self.grammars.matcher(self.grammars.compile(constraint))
         request = Request(
             request_id=request_id,
             token_ids=token_ids,
@@ -239,6 +246,7 @@ class LLMEngine:
             tenant_weight=tenant_weight,
             priority=priority,
             arrival_time=time.monotonic(),
+            matcher=matcher,
         )
         if self.config.cache.enable_prefix_caching:
             prefix = request.prefix
@@ -428,10 +436,20 @@ class LLMEngine:
         if scheduled.is_empty:
             return []
         try:
+            # Constrained rows' token masks are filled on a worker while the model runs.
+            masks = self.grammars.start_masks(
+                [
+                    r
+                    for r, n in zip(scheduled.requests, scheduled.num_new_tokens)
+                    if r.num_computed_tokens + n == r.num_tokens
+                ]
+            )
             logits, sampling = self.runner.execute(scheduled)
             if logits is None:  # a step that only filled adapter prefixes
                 self.scheduler.update(scheduled)
                 return []
+            if masks is not None:
+                logits = self.grammars.apply(logits, masks)
             sampled = self.sampler(
                 logits,
                 [r.params for r in sampling],

@@ -77,6 +77,8 @@ class Request:
     """``time.monotonic()`` when the engine took it."""
     queue_seconds: float | None = None
     """From ``arrival_time`` to its first admission; None before it."""
+    matcher: Any = None
+    """Its position in its output constraint's grammar (an xgrammar matcher), or None."""
 
     @property
     def num_tokens(self) -> int:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from .text import shorten
 
@@ -16,6 +18,11 @@ MAX_STOP_TOKEN_IDS = 256
 """Largest number of top alternatives a request may ask for per generated token."""
 
 _SEED_RANGE = (-(2**63), 2**64 - 1)
+MAX_CONSTRAINT_CHARS = 64 * 2**10
+"""Largest JSON schema, regex or grammar a request may carry (compiled per request)."""
+MAX_CHOICES = 256
+CONSTRAINTS = ("json_schema", "json_object", "regex", "choice", "grammar")
+"""The structured-output fields of :class:`SamplingParams` (at most one per request)."""
 
 
 @dataclass(slots=True)
@@ -61,12 +68,74 @@ class SamplingParams:
     """None = off; 0 = the chosen token's logprob; n = also the n most likely alternatives."""
     skip_special_tokens: bool = True
     """Leave special tokens (eos, pad, ...) out of the output text."""
+    json_schema: dict[str, Any] | str | None = None
+    """Constrain the output to JSON valid against this JSON schema (a dict or its text)."""
+    json_object: bool = False
+    """Constrain the output to any valid JSON object."""
+    regex: str | None = None
+    """Constrain the output to a match of this regular expression."""
+    choice: list[str] | None = None
+    """Constrain the output to exactly one of these strings."""
+    grammar: str | None = None
+    """Constrain the output to this EBNF grammar (GBNF-style, ``root ::= ...``)."""
 
     def __post_init__(self) -> None:
         self._check_ints()
         self._check_floats()
         self.stop = _normalize_stop(self.stop)
         self.stop_token_ids = _normalize_stop_token_ids(self.stop_token_ids)
+        self._check_constraint()
+
+    @property
+    def constraint(self) -> tuple[str, str] | None:
+        """``(kind, text)`` of the output constraint (``json_schema`` as JSON text, ``choice``
+        as a JSON list), or None: the key under which its compiled grammar is cached."""
+        if self.json_schema is not None:
+            schema = self.json_schema
+            return "json_schema", schema if isinstance(schema, str) else json.dumps(schema)
+        if self.json_object:
+            return "json_object", ""
+        if self.regex is not None:
+            return "regex", self.regex
+        if self.choice is not None:
+            return "choice", json.dumps(self.choice)
+        if self.grammar is not None:
+            return "grammar", self.grammar
+        return None
+
+    def _check_constraint(self) -> None:
+        given = [name for name in CONSTRAINTS if getattr(self, name) not in (None, False)]
+        if len(given) > 1:
+            raise ValueError(f"give at most one output constraint, got {', '.join(given)}")
+        if self.json_schema is not None and not isinstance(self.json_schema, dict | str):
+            raise ValueError(
+                f"json_schema must be a dict or a JSON string, got {shorten(self.json_schema)}"
+            )
+        if not isinstance(self.json_object, bool):
+            raise ValueError(f"json_object must be a bool, got {shorten(self.json_object)}")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"{name} must be a non-empty string, got {shorten(value)}")
+        if self.choice is not None:
+            choice = self.choice
+            if (
+                not isinstance(choice, list | tuple)
+                or not choice
+                or not all(isinstance(c, str) and c for c in choice)
+            ):
+                raise ValueError(
+                    f"choice must be a non-empty list of non-empty strings, got {shorten(choice)}"
+                )
+            if len(choice) > MAX_CHOICES:
+                raise ValueError(f"at most {MAX_CHOICES} choices, got {len(choice)}")
+            self.choice = list(choice)
+        constraint = self.constraint
+        if constraint is not None and len(constraint[1]) > MAX_CONSTRAINT_CHARS:
+            raise ValueError(
+                f"the {constraint[0]} constraint has {len(constraint[1])} characters; at most "
+                f"{MAX_CONSTRAINT_CHARS} are accepted"
+            )
 
     @property
     def greedy(self) -> bool:

@@ -353,13 +353,16 @@ class Scheduler:
         if logprobs is not None:
             request.logprobs.append(logprobs)
         params = request.params
+        matcher = request.matcher
+        if matcher is not None and not matcher.is_terminated():
+            matcher.accept_token(token)  # allowed: its mask let only such tokens through
         reason: FinishReason | None = None
         delta = ""
         if token in request.eos_token_ids or token in (params.stop_token_ids or ()):
             reason = FinishReason.STOP
         else:
             delta = request.detokenizer.append(token)
-            if request.detokenizer.stopped:
+            if request.detokenizer.stopped or (matcher is not None and matcher.is_terminated()):
                 reason = FinishReason.STOP
             elif request.num_output_tokens >= params.max_new_tokens:
                 reason = FinishReason.LENGTH

@@ -3,10 +3,12 @@ naming its field. Only the translation to the engine's :class:`SamplingParams` l
 (:func:`sampling_params`); the rules of the values themselves are ``SamplingParams``' own, shared
 with the gRPC API.
 
+Output constraints come as OpenAI's ``response_format`` (``json_schema``, ``json_object``) or
+vLLM's ``guided_json``, ``guided_regex``, ``guided_choice``, ``guided_grammar`` (at most one).
 Fields of OpenAI's API that would change the answer and that the engine does not do (tools,
-``logit_bias``, ``response_format`` other than text, ``echo``, ``suffix``, ``best_of``) are
-refused with a 400 that names them, never ignored; fields that do not change it (``user``,
-``store``, ``metadata``, ``service_tier``) are accepted and ignored.
+``logit_bias``, ``echo``, ``suffix``, ``best_of``) are refused with a 400 that names them, never
+ignored; fields that do not change it (``user``, ``store``, ``metadata``, ``service_tier``) are
+accepted and ignored.
 """
 
 from __future__ import annotations
@@ -87,6 +89,10 @@ class _Sampling(BaseModel):
     cache_salt: str | None = None
     priority: int = 0
     user: str | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -96,16 +102,30 @@ class _Sampling(BaseModel):
                 value = data.get(name)
                 if value not in (None, False, [], {}, ""):
                     raise ValueError(f"{name}: {what} are not supported by this server")
-            response_format = data.get("response_format")
-            if isinstance(response_format, dict) and response_format.get("type") not in (
-                None,
-                "text",
-            ):
-                raise ValueError(
-                    f"response_format: type {response_format.get('type')!r} is not supported "
-                    "by this server (only 'text')"
-                )
         return data
+
+    def _constraint(self) -> dict[str, Any]:
+        """The request's output constraint as ``SamplingParams`` keywords."""
+        given: dict[str, Any] = {}
+        response_format = getattr(self, "response_format", None)
+        if response_format is not None and response_format.type == "json_object":
+            given["json_object"] = True
+        elif response_format is not None and response_format.type == "json_schema":
+            if response_format.json_schema is None or response_format.json_schema.schema_ is None:
+                raise ValueError("response_format.json_schema.schema: a JSON schema is required")
+            given["json_schema"] = response_format.json_schema.schema_
+        for field, name in (
+            ("guided_json", "json_schema"),
+            ("guided_regex", "regex"),
+            ("guided_choice", "choice"),
+            ("guided_grammar", "grammar"),
+        ):
+            value = getattr(self, field)
+            if value is not None:
+                given[name] = value
+        if len(given) > 1:
+            raise ValueError(f"give at most one output constraint, got {', '.join(given)}")
+        return given
 
     def _sampling(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         """The engine's parameters; OpenAI's defaults where a field is unset (temperature 1)."""
@@ -125,7 +145,21 @@ class _Sampling(BaseModel):
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens,
+            **self._constraint(),
         )
+
+
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
 
 
 class ChatCompletionRequest(_Sampling):
@@ -133,7 +167,7 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
 
     @model_validator(mode="after")
     def _check_logprobs(self) -> ChatCompletionRequest:

@@ -33,6 +33,11 @@ def sampling_params(request: pb.GenerateRequest) -> SamplingParams:
             kwargs[name] = getattr(stopping, name)
     if request.HasField("logprobs"):
         kwargs["logprobs"] = request.logprobs
+    which = request.WhichOneof("constraint")
+    if which == "choice":
+        kwargs["choice"] = list(request.choice.options)
+    elif which is not None:
+        kwargs[which] = getattr(request, which)
     return SamplingParams(
         stop=list(stopping.stop),
         stop_token_ids=list(stopping.stop_token_ids),

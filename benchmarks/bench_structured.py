@@ -1,0 +1,186 @@
+"""Structured output: what constraining half of a batch to a JSON schema costs a step, and the two
+grammar engines measured on the default model's tokenizer.
+
+(1) Step time: ``--requests`` chat requests on the default model (fp32, compiled), every one
+running; then the same with every other request constrained to a JSON schema of a few fields.
+The masks are filled on a worker thread while the model runs and applied in one op: the mean
+decode step with masks over the mean without (aim <= 1.05x), over ``--steps`` decode steps in
+which every request is running, interleaved ``--rounds`` times.
+
+(2) Grammar engines: xgrammar and llguidance on the same tokenizer, schemas and token sequences:
+compile time per schema, and the time to fill one bitmask row and advance the matcher per token
+(the work the engine overlaps with each step).
+
+    python benchmarks/bench_structured.py
+    python benchmarks/bench_structured.py --requests 8 --steps 8 --rounds 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from typing import Any
+
+from bench_common import machine_info, write_report
+from bench_offline import TOPICS
+
+from prefixserve import LLM, SamplingParams
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 24},
+        "age": {"type": "integer"},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 4},
+        "mood": {"enum": ["happy", "sad", "calm"]},
+    },
+    "required": ["name", "age", "tags", "mood"],
+    "additionalProperties": False,
+}
+ANSWER = '{"name": "Ada Lovelace", "age": 36, "tags": ["math", "poetry"], "mood": "calm"}'
+
+
+def step_times(llm: LLM, prompts: list[list[int]], constrained: bool, steps: int) -> list[float]:
+    """Decode step times while every request runs (the first ``steps`` after the prefill)."""
+    engine = llm.engine
+    for i, prompt in enumerate(prompts):
+        schema = SCHEMA if constrained and i % 2 == 0 else None
+        params = SamplingParams(max_new_tokens=steps + 2, ignore_eos=True, json_schema=schema)
+        engine.add_request(prompt, params)
+    times = []
+    while engine.has_unfinished_requests():
+        start = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - start)
+    return times[1 : steps + 1]  # after the prefill step, while all run
+
+
+def bench_steps(args: argparse.Namespace) -> dict[str, Any]:
+    llm = LLM(dtype="float32", max_num_seqs=args.requests)
+    prompts = [
+        llm.apply_chat_template(
+            [{"role": "user", "content": f"Describe {TOPICS[i % len(TOPICS)]} as JSON."}]
+        )
+        for i in range(args.requests)
+    ]
+    step_times(llm, prompts[:2], True, 2)  # warm: compile the schema, the masks' path
+    free, masked = [], []
+    for _ in range(args.rounds):
+        free += step_times(llm, prompts, False, args.steps)
+        masked += step_times(llm, prompts, True, args.steps)
+    result = {
+        "free_step_ms": 1e3 * statistics.median(free),
+        "masked_step_ms": 1e3 * statistics.median(masked),
+    }
+    result["ratio"] = result["masked_step_ms"] / result["free_step_ms"]
+    return result
+
+
+def bench_engines(repeats: int = 5) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    from prefixserve.model_loader import resolve_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(None))
+    vocab = 49152
+    ids = tokenizer.encode(ANSWER, add_special_tokens=False)
+    schemas = [
+        json.dumps(
+            {**SCHEMA, "properties": {**SCHEMA["properties"], f"extra{i}": {"type": "integer"}}}
+        )
+        for i in range(8)
+    ]
+    out: dict[str, Any] = {}
+
+    import xgrammar as xgr
+
+    start = time.perf_counter()
+    compiler = xgr.GrammarCompiler(
+        xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab), cache_enabled=False
+    )
+    setup = time.perf_counter() - start
+    compile_times, token_times = [], []
+    for schema in schemas:
+        start = time.perf_counter()
+        compiled = compiler.compile_json_schema(schema)
+        compile_times.append(time.perf_counter() - start)
+    bitmask = xgr.allocate_token_bitmask(1, vocab)
+    for _ in range(repeats):
+        matcher = xgr.GrammarMatcher(compiled)
+        start = time.perf_counter()
+        for token in ids:
+            matcher.fill_next_token_bitmask(bitmask, 0)
+            assert matcher.accept_token(token)
+        token_times.append((time.perf_counter() - start) / len(ids))
+    out["xgrammar"] = {
+        "tokenizer_setup_s": setup,
+        "compile_ms": 1e3 * statistics.median(compile_times),
+        "per_token_us": 1e6 * statistics.median(token_times),
+    }
+
+    import llguidance
+    import llguidance.hf
+    import llguidance.torch as llt
+
+    start = time.perf_counter()
+    lltok = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab)
+    setup = time.perf_counter() - start
+    compile_times, token_times = [], []
+    for schema in schemas:
+        start = time.perf_counter()
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(schema)
+        matcher = llguidance.LLMatcher(lltok, grammar)
+        compile_times.append(time.perf_counter() - start)
+    bitmask = llt.allocate_token_bitmask(1, vocab)
+    for _ in range(repeats):
+        matcher = llguidance.LLMatcher(lltok, grammar)
+        start = time.perf_counter()
+        for token in ids:
+            llt.fill_next_token_bitmask(matcher, bitmask, 0)
+            assert matcher.consume_token(token)
+        token_times.append((time.perf_counter() - start) / len(ids))
+    out["llguidance"] = {
+        "tokenizer_setup_s": setup,
+        "compile_ms": 1e3 * statistics.median(compile_times),
+        "per_token_us": 1e6 * statistics.median(token_times),
+    }
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", default="benchmarks/results/structured.json")
+    args = parser.parse_args()
+    engines = bench_engines()
+    print(
+        f"{'grammar engine':<12} {'tokenizer setup':>16} {'compile':>10} {'mask+advance/token':>19}"
+    )
+    for name, r in engines.items():
+        print(
+            f"{name:<12} {r['tokenizer_setup_s']:>15.2f}s {r['compile_ms']:>8.1f}ms "
+            f"{r['per_token_us']:>17.1f}us"
+        )
+    steps = bench_steps(args)
+    print(
+        f"decode step, {args.requests} requests: free {steps['free_step_ms']:.1f} ms, half "
+        f"constrained {steps['masked_step_ms']:.1f} ms: {steps['ratio']:.3f}x"
+    )
+    write_report(
+        args.json,
+        {
+            "benchmark": "structured",
+            "machine": machine_info(processor=True),
+            "config": vars(args),
+            "grammar_engines": engines,
+            "steps": steps,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
