@@ -21,6 +21,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -123,32 +124,44 @@ class GrammarCompiler:
 
         return xgr.GrammarMatcher(compiled)
 
-    def start_masks(self, requests: Sequence[Request]) -> Future[torch.Tensor] | None:
-        """Fill the bitmask rows of ``requests`` (those that sample this step, in logits order;
-        rows without a matcher stay all-allowed) on a worker thread; None if none has one."""
-        if not any(r.matcher is not None for r in requests):
+    def start_masks(self, requests: Sequence[Request]) -> Future[StepMasks] | None:
+        """Fill the bitmask rows of the constrained ``requests`` (those that sample this step,
+        in logits order) on a worker thread; None if none is constrained."""
+        rows = [i for i, r in enumerate(requests) if r.matcher is not None]
+        if not rows:
             return None
-        return self._masking.submit(self._fill, [r.matcher for r in requests])
+        return self._masking.submit(
+            self._fill, len(requests), rows, [requests[i].matcher for i in rows]
+        )
 
-    def _fill(self, matchers: list[Any]) -> torch.Tensor:
+    def _fill(self, num_rows: int, rows: list[int], matchers: list[Any]) -> StepMasks:
         import xgrammar as xgr
 
-        bitmask = xgr.allocate_token_bitmask(len(matchers), self.vocab_size)
-        for row, matcher in enumerate(matchers):
-            if matcher is not None:
-                matcher.fill_next_token_bitmask(bitmask, row)
-        return bitmask
+        bitmask = xgr.allocate_token_bitmask(num_rows, self.vocab_size)
+        for row, matcher in zip(rows, matchers):
+            matcher.fill_next_token_bitmask(bitmask, row)
+        return StepMasks(bitmask, rows)
 
     @staticmethod
-    def apply(logits: torch.Tensor, masks: Future[torch.Tensor]) -> torch.Tensor:
-        """``logits`` (R, V) with disallowed tokens at -inf (fp32, in one op)."""
+    def apply(logits: torch.Tensor, masks: Future[StepMasks]) -> torch.Tensor:
+        """``logits`` (R, V) with the tokens its constrained rows may not take at -inf (fp32,
+        in one op over those rows only)."""
         import xgrammar as xgr
 
-        bitmask = masks.result()
+        step = masks.result()
         logits = logits.float().contiguous()
-        xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device))
+        xgr.apply_token_bitmask_inplace(logits, step.bitmask.to(logits.device), indices=step.rows)
         return logits
 
     def close(self) -> None:
         self._compiling.shutdown(wait=False, cancel_futures=True)
         self._masking.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclass(frozen=True, slots=True)
+class StepMasks:
+    """One step's token masks: ``bitmask`` (R, ceil(V / 32)) int32, of which ``rows`` are
+    filled (the constrained rows of the logits)."""
+
+    bitmask: torch.Tensor
+    rows: list[int]
