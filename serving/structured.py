@@ -135,22 +135,27 @@ class GrammarCompiler:
         )
 
     def _fill(self, num_rows: int, rows: list[int], matchers: list[Any]) -> StepMasks:
+        """The worker's part: each constrained row's bitmask from its matcher, unpacked to a
+        mask of disallowed tokens (so that the step's own thread only applies it)."""
         import xgrammar as xgr
 
-        bitmask = xgr.allocate_token_bitmask(num_rows, self.vocab_size)
-        for row, matcher in zip(rows, matchers):
+        bitmask = xgr.allocate_token_bitmask(len(rows), self.vocab_size)
+        for row, matcher in enumerate(matchers):
             matcher.fill_next_token_bitmask(bitmask, row)
-        return StepMasks(bitmask, rows)
+        bits = _BITS[bitmask.view(torch.uint8).int()]  # (Rc, W * 4, 8): bit j of byte i
+        blocked = ~bits.view(len(rows), -1)[:, : self.vocab_size]
+        return StepMasks(blocked, torch.tensor(rows, dtype=torch.long))
 
     @staticmethod
+    @torch.inference_mode()
     def apply(logits: torch.Tensor, masks: Future[StepMasks]) -> torch.Tensor:
-        """``logits`` (R, V) with the tokens its constrained rows may not take at -inf (fp32,
-        in one op over those rows only)."""
-        import xgrammar as xgr
-
+        """``logits`` (R, V) with the tokens its constrained rows may not take at -inf (fp32;
+        one masked fill over those rows)."""
         step = masks.result()
-        logits = logits.float().contiguous()
-        xgr.apply_token_bitmask_inplace(logits, step.bitmask.to(logits.device), indices=step.rows)
+        logits = logits.float()
+        rows = step.rows.to(logits.device)
+        blocked = step.blocked.to(logits.device)
+        logits[rows] = logits[rows].masked_fill_(blocked, float("-inf"))
         return logits
 
     def close(self) -> None:
@@ -160,8 +165,13 @@ class GrammarCompiler:
 
 @dataclass(frozen=True, slots=True)
 class StepMasks:
-    """One step's token masks: ``bitmask`` (R, ceil(V / 32)) int32, of which ``rows`` are
-    filled (the constrained rows of the logits)."""
+    """One step's token masks: ``blocked`` (Rc, V) bool, True where the constrained row may not
+    take the token; ``rows`` (Rc,) int64, the rows of the logits they belong to."""
 
-    bitmask: torch.Tensor
-    rows: list[int]
+    blocked: torch.Tensor
+    rows: torch.Tensor
+
+
+_BITS = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).bool()
+"""(256, 8): the bits of each byte value, lowest first (xgrammar's bitmask order: token ``t`` is
+bit ``t % 32`` of word ``t // 32``, little-endian)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import grpc
@@ -208,3 +209,23 @@ def test_the_grpc_and_http_apis_carry_constraints(tiny_model_dir, tmp_path):
                 model=model, prompt="x", max_tokens=4, extra_body={"guided_regex": "([a-z"}
             )
         assert "does not compile" in bad_http.value.message
+
+
+def test_a_pathological_regex_fails_or_compiles_within_its_limit(llm):
+    """Nested counted repetitions: their automaton grows fast. Whatever the grammar engine makes
+    of it, the request is answered (or refused) within the compile limit, and others go on."""
+    grammars = llm.engine.grammars
+    limit = grammars.timeout
+    grammars.timeout = 2.0
+    start = time.monotonic()
+    try:
+        out = llm.generate(
+            ["Hi"], SamplingParams(max_new_tokens=4, regex="((a{1,50}){1,50}){1,50}b")
+        )
+        assert set(out[0].text) <= {"a", "b"}
+    except ValueError as e:
+        assert "regex constraint" in str(e)
+    finally:
+        grammars.timeout = limit
+    assert time.monotonic() - start < 2.0 + 30  # the limit, plus a few steps of a small model
+    assert llm.generate(["Hi"], SamplingParams(max_new_tokens=2))[0].token_ids
