@@ -37,6 +37,7 @@ blocks again when it resumes, unless they were evicted).
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import Counter, deque
 from collections.abc import Iterator, Sequence
@@ -121,8 +122,9 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         self._steps += 1
+        favoured = None
         if self.fair_policy and self.waiting:
-            self._preempt_for_share(out)
+            favoured = self._preempt_for_share(out)
         budget = self.config.max_num_batched_tokens
         out_of_blocks = False
         i = 0
@@ -142,7 +144,7 @@ class Scheduler:
             self.running.remove(victim)
             self._preempt(victim, out)
         if not out_of_blocks:
-            self._admit(out, budget)
+            self._admit(out, budget, favoured)
         return out
 
     def _schedule(self, out: SchedulerOutput, request: Request, n: int) -> None:
@@ -154,36 +156,41 @@ class Scheduler:
 
     # -- shares -------------------------------------------------------------------------------
 
-    def _preempt_for_share(self, out: SchedulerOutput) -> None:
+    def _preempt_for_share(self, out: SchedulerOutput) -> Request | None:
         """If the next request to admit cannot run for want of a slot or of blocks, find the
         first tenant in admission order that may take them: one under its fair share preempts
         requests of the tenant furthest over its share; one at its share preempts its own
         requests of lower priority than its next one. Until that request can run, or no
-        request may be preempted."""
+        request may be preempted. Returns the request the room was made for (admitted first
+        in this step), or None."""
         seen: set[str] = set()
         for head in self._admission_order():
             if head.tenant in seen:
                 continue
             seen.add(head.tenant)
-            slots = len(self.running) >= self.config.max_num_seqs
-            if not slots and self._blocks_to_admit(head) <= self._room():
-                return  # it can run: nobody needs preempting
-            total = self.config.max_num_seqs if slots else self.allocator.num_blocks
-            under = self._held(slots)[head.tenant] < self.fair.share(head.tenant, total)
-            if not under and self._lower_priority(head) is None:
-                continue  # this tenant has its share and waits its turn
-            while slots or self._blocks_to_admit(head) > self._room():
+            if head.prefix is not None and not head.prefix.materialized:
+                continue  # it needs its prefix filled first, not a slot
+            preempted = False
+            while True:
+                slots = len(self.running) >= self.config.max_num_seqs
+                if not slots and self._blocks_to_admit(head) <= self._room_for(head):
+                    return head if preempted else None  # it can run now
+                total = self.config.max_num_seqs if slots else self.allocator.num_blocks
+                held = self._held(slots)
+                under = held[head.tenant] < self.fair.share(head.tenant, total)
                 victim = (
-                    self._victim(self._held(slots), total, exclude=head.tenant, eligible_only=True)
+                    self._victim(held, total, exclude=head.tenant, eligible_only=True)
                     if under
                     else self._lower_priority(head)
                 )
                 if victim is None:
-                    return
+                    break  # this tenant waits its turn (or nobody may be preempted for it)
                 self.running.remove(victim)
                 self._preempt(victim, out)
-                slots = len(self.running) >= self.config.max_num_seqs
-            return
+                preempted = True
+            if preempted:
+                return None  # made what room it could, not enough: no one else overtakes
+        return None
 
     def _lower_priority(self, head: Request) -> Request | None:
         """The running request of ``head``'s tenant with the lowest priority below ``head``'s
@@ -197,10 +204,17 @@ class Scheduler:
         return max(reversed(mine), key=lambda r: r.priority) if mine else None
 
     def _held(self, slots: bool) -> Counter[str]:
-        """Running slots (``slots``) or own KV blocks held by each tenant's running requests."""
+        """Running slots (``slots``) or KV blocks held by each tenant's running requests; a
+        cached block that ``n`` requests hold counts ``1 / n`` for each (what preempting them
+        all would free)."""
         held: Counter[str] = Counter()
+        cache = self.cache
         for r in self.running:
-            held[r.tenant] += 1 if slots else len(r.block_ids)
+            if slots:
+                held[r.tenant] += 1
+                continue
+            shared = sum(1 - 1 / cache.refs(b) for b in r.block_ids if cache.is_cached(b))
+            held[r.tenant] += len(r.block_ids) - shared  # type: ignore[assignment]
         return held
 
     def _victim(
@@ -250,11 +264,20 @@ class Scheduler:
         )
         return need + blocks_for(min(request.num_tokens, self._max_chunk()), self.block_size)
 
-    def _room(self) -> int:
-        """Blocks free, or free once unused cached blocks and prefixes are evicted."""
-        return self.allocator.num_free + self.prefix_store.evictable_blocks()
+    def _room_for(self, request: Request) -> int:
+        """Blocks that could be freed for ``request``: free ones, and unused cached blocks and
+        prefixes, but not its own cache hits or idle prefix (it takes those, not frees them)."""
+        room = self.allocator.num_free + self.prefix_store.evictable_blocks()
+        prefix = request.prefix
+        if prefix is not None and prefix.resident and prefix.users == 0:
+            room -= len(prefix.block_ids)
+        if request.cache_root is not None and not request.block_ids:
+            usable = (request.num_tokens - 1) // self.block_size
+            hits = self.cache.lookup(self._hashes(request, usable)[:usable])
+            room -= sum(1 for b in hits if self.cache.refs(b) == 0)
+        return room
 
-    def _admit(self, out: SchedulerOutput, budget: int) -> None:
+    def _admit(self, out: SchedulerOutput, budget: int, favoured: Request | None = None) -> None:
         """Admit waiting requests fairly across tenants while budget, slots and blocks last;
         schedule fills of the prefixes they wait for.
 
@@ -262,15 +285,24 @@ class Scheduler:
         request finds no room, every waiting request lets go of its pin (taking it again when
         its turn comes; an unpinned prefix may be evicted and filled again): otherwise prefixes
         pinned by requests that cannot run yet could keep the room from the request at the head
-        of the queue forever."""
-        if self._admit_in_order(out, budget):
+        of the queue forever. ``favoured``: the request that preemptions made room for, admitted
+        first; requests preempted in this step wait for a later one."""
+        if self._admit_in_order(out, budget, favoured):
             for request in self.waiting:
                 self._unpin_prefix(request)
 
-    def _admit_in_order(self, out: SchedulerOutput, budget: int) -> bool:
+    def _admit_in_order(
+        self, out: SchedulerOutput, budget: int, favoured: Request | None = None
+    ) -> bool:
         """The admission loop of :meth:`_admit`; True if it stopped for want of blocks."""
         filling: set[Prefix] = set()
-        for request in self._admission_order():
+        preempted = set(out.preempted)
+        order = self._admission_order()
+        if favoured is not None:
+            order = itertools.chain([favoured], (r for r in order if r is not favoured))
+        for request in order:
+            if request in preempted:
+                continue  # preempted for someone's share this step: not re-admitted at once
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                 return False
             if not self._pin_prefix(request):

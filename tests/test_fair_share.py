@@ -197,3 +197,37 @@ def test_a_tenant_at_its_share_preempts_its_own_lower_priority_requests():
     scheduler.add(_request("same", "a", 3, 1, priority=1))  # no better than those running
     out, _ = _step(scheduler)
     assert not out.preempted
+
+
+def test_preemption_for_blocks_stops_at_the_victims_share():
+    """A slot freed by the first victim turns the question into one of blocks: the tenant is
+    then measured against its share of blocks, not of slots (it keeps its other request)."""
+    scheduler, _, _ = make(
+        blocks=24, max_num_seqs=2, preemption_min_steps=0, max_num_batched_tokens=256
+    )
+    for rid in ("b1", "b2"):
+        scheduler.add(_request(rid, "b", 39, 50))  # 10 blocks each
+    _step(scheduler)
+    _step(scheduler)
+    scheduler.add(_request("a", "a", 64, 1))
+    out, _ = _step(scheduler)
+    assert [r.request_id for r in out.preempted] == ["b2"]
+    assert [r.request_id for r in scheduler.running] == ["b1"]
+
+
+def test_requests_sharing_cached_blocks_count_them_once():
+    """Four requests of one tenant hold the same 8 cached blocks: counted as what preempting
+    them would free, the tenant is not over its share, and nobody is preempted for nothing."""
+    scheduler, _, _ = make(blocks=40, max_num_seqs=8, preemption_min_steps=0)
+    requests = [_request(f"b{i}", "b", 33, 50) for i in range(4)]
+    for r in requests:
+        r.cache_root = b"root-of-b"
+    scheduler.add(requests[0])
+    _step(scheduler)
+    for r in requests[1:]:
+        scheduler.add(r)
+    _step(scheduler)
+    assert scheduler.cache.num_cached >= 8
+    scheduler.add(_request("a", "a", 120, 1))
+    out, _ = _step(scheduler)
+    assert not out.preempted

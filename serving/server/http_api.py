@@ -34,8 +34,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .._proto import prefixserve_pb2 as pb
+from ..async_engine import EngineDeadError, QueueFullError
 from ..engine import Prompt
 from ..request import RequestOutput
 from ..sampler import TokenLogprobs
@@ -89,7 +92,8 @@ def error_response(error: BaseException) -> JSONResponse:
         status, kind = HTTP_STATUS.get(code, (500, "internal_error"))
         if isinstance(error, TooLargeError):
             status, kind = 413, "request_too_large"
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else None
+    retry = isinstance(error, QueueFullError | NotReadyError | EngineDeadError)
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if retry else None
     body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
     return JSONResponse(body, status_code=status, headers=headers)
 
@@ -114,11 +118,19 @@ def _type_tag(part: str) -> bool:
 def create_app(state: ServingState, adapters: AdapterService, max_request_bytes: int) -> FastAPI:
     """The HTTP API over the server's shared ``state`` and its ``adapters`` service."""
     app = FastAPI(title="prefixserve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(BodyLimit, default=max_request_bytes, uploads=state.max_upload_bytes)
     ids = itertools.count()
 
     @app.exception_handler(Exception)
     async def _any(request: Request, error: Exception) -> JSONResponse:
         return error_response(error)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        kind = {404: "not_found_error", 405: "invalid_request_error"}.get(
+            error.status_code, "invalid_request_error"
+        )
+        return error_response(HTTPError(error.status_code, kind, str(error.detail)))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -155,7 +167,7 @@ def create_app(state: ServingState, adapters: AdapterService, max_request_bytes:
             )
         try:
             data = json.loads(raw or b"{}")
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             raise HTTPError(400, "invalid_request_error", f"the body is not JSON: {e}") from None
         try:
             return model.model_validate(data)
@@ -430,7 +442,7 @@ class Completion:
     async def whole(
         self, streams: Sequence[Outputs], state: ServingState, chat: bool
     ) -> dict[str, Any]:
-        finals = await asyncio.gather(*(_last(s) for s in streams))
+        finals = await _all_last(streams)
         choices = []
         for index, out in enumerate(finals):
             logprobs = _logprobs(out.logprobs, state, chat) if out.logprobs is not None else None
@@ -546,6 +558,19 @@ async def _merged(
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+async def _all_last(streams: Sequence[Outputs]) -> list[RequestOutput]:
+    """The last output of every stream; if one fails, the others are stopped (their engine
+    requests aborted) before the error is raised."""
+    tasks = [asyncio.create_task(_last(s)) for s in streams]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
 async def _last(outputs: Outputs) -> RequestOutput:
     last = None
     async with contextlib.aclosing(outputs) as stream:
@@ -611,3 +636,36 @@ def _logprobs(entries: Sequence[TokenLogprobs], state: ServingState, chat: bool)
         "top_logprobs": [{_token(state, i): lp for i, lp in e.top} for e in entries],
         "text_offset": offsets,
     }
+
+
+class BodyLimit:
+    """Refuses a request body beyond its limit as it arrives, declared or not (chunked bodies
+    have no ``content-length``): ``uploads`` plus 1 MiB for ``/v1/adapters``, ``default`` for
+    the rest. The endpoint reading the body gets :class:`TooLargeError` (a 413)."""
+
+    def __init__(self, app: ASGIApp, default: int, uploads: int) -> None:
+        self.app, self.default, self.uploads = app, default, uploads
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        upload = path.startswith("/v1/adapters")
+        limit = self.uploads + 2**20 if upload else self.default
+        option = "--max-upload-mb" if upload else "--max-request-kb"
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise TooLargeError(
+                        f"requests to {path} are limited to {limit} bytes on this server; this "
+                        f"one has more (server option {option})"
+                    )
+            return message
+
+        await self.app(scope, counted, send)
