@@ -14,7 +14,7 @@ import itertools
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
@@ -68,7 +68,7 @@ class AsyncEngine:
         request_id: str | None = None,
         adapter: str | None = None,
         origin: Origin = LOCAL,
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncGenerator[RequestOutput, None]:
         """Queue a request and yield its outputs as tokens arrive (the last has ``finished``).
 
         ``origin``: who sent it (tenant, weight, priority, cache scope). Raises ``ValueError``
@@ -81,7 +81,7 @@ class AsyncEngine:
         request_id = request_id or f"async-{next(self._ids)}"
         if params is not None and params.constraint is not None:
             # Compiled here, off the engine's thread (then cached): a schema never holds a step.
-            await asyncio.to_thread(self.engine.grammars.compile, params.constraint)
+            await self.engine.grammars.compile_async(params.constraint)
         loop = asyncio.get_running_loop()
         stream: asyncio.Queue[Any] = asyncio.Queue()
 

@@ -9,7 +9,7 @@ coroutines that run where the engine's state lives.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING, Protocol
 
 from .types import LOCAL, Origin
@@ -47,7 +47,7 @@ class EngineClient(Protocol):
         request_id: str | None = None,
         adapter: str | None = None,
         origin: Origin = LOCAL,
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncGenerator[RequestOutput, None]:
         """The request's outputs as tokens arrive; the last one has ``finished``. ``origin``:
         who sent it (tenant, weight, priority, cache scope). Raises ``ValueError`` for invalid
         input, ``QueueFullError``, ``EngineDeadError``."""

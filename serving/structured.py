@@ -16,6 +16,7 @@ scheduler advances as tokens are appended.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 from collections import OrderedDict
@@ -55,6 +56,8 @@ class GrammarCompiler:
         self.timeout = timeout
         self._compiler: Any = None
         self._cache: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        self._pending: dict[tuple[str, str], Future[Any]] = {}
+        """Compiles under way: a constraint sent again waits for the same one."""
         self._lock = threading.Lock()
         self._compiling = ThreadPoolExecutor(2, thread_name_prefix="grammar-compile")
         """Compiles (a compile past its time limit runs on here, and its thread with it)."""
@@ -75,27 +78,56 @@ class GrammarCompiler:
                 self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
             return self._compiler
 
-    def compile(self, constraint: tuple[str, str]) -> Any:
-        """The compiled grammar of ``constraint`` (``SamplingParams.constraint``); ValueError
-        naming what is wrong if it does not compile, or takes longer than the time limit."""
+    def submit(self, constraint: tuple[str, str]) -> Future[Any]:
+        """The compile of ``constraint``: done if cached, the one under way if any (one
+        compile per constraint, whoever asks), else a new one on the worker pool."""
         with self._lock:
             cached = self._cache.get(constraint)
             if cached is not None:
                 self._cache.move_to_end(constraint)
-                return cached
-        job = self._compiling.submit(self._compile, constraint)
+                done: Future[Any] = Future()
+                done.set_result(cached)
+                return done
+            pending = self._pending.get(constraint)
+            if pending is None:
+                pending = self._pending[constraint] = self._compiling.submit(
+                    self._compile_and_keep, constraint
+                )
+            return pending
+
+    def compile(self, constraint: tuple[str, str]) -> Any:
+        """The compiled grammar of ``constraint`` (``SamplingParams.constraint``); ValueError
+        naming what is wrong if it does not compile, or takes longer than the time limit."""
         try:
-            compiled = job.result(timeout=self.timeout)
+            return self.submit(constraint).result(timeout=self.timeout)
         except FutureTimeout:
-            raise ValueError(
-                f"the {constraint[0]} constraint did not compile within {self.timeout:g} s; "
-                "simplify it"
-            ) from None
-        with self._lock:
-            self._cache[constraint] = compiled
-            while len(self._cache) > CACHE_SIZE:
-                self._cache.popitem(last=False)
-        return compiled
+            raise self._too_slow(constraint) from None
+
+    async def compile_async(self, constraint: tuple[str, str]) -> Any:
+        """:meth:`compile` for an event loop: waits without holding a thread."""
+        future = asyncio.wrap_future(self.submit(constraint))
+        try:  # shielded: a timeout here must not cancel the compile others may wait for
+            return await asyncio.wait_for(asyncio.shield(future), self.timeout)
+        except TimeoutError:
+            raise self._too_slow(constraint) from None
+
+    def _too_slow(self, constraint: tuple[str, str]) -> ValueError:
+        return ValueError(
+            f"the {constraint[0]} constraint did not compile within {self.timeout:g} s; simplify it"
+        )
+
+    def _compile_and_keep(self, constraint: tuple[str, str]) -> Any:
+        """Compile (on the pool) and cache the result, late or not."""
+        try:
+            compiled = self._compile(constraint)
+            with self._lock:
+                self._cache[constraint] = compiled
+                while len(self._cache) > CACHE_SIZE:
+                    self._cache.popitem(last=False)
+            return compiled
+        finally:
+            with self._lock:
+                self._pending.pop(constraint, None)
 
     def _compile(self, constraint: tuple[str, str]) -> Any:
         kind, text = constraint

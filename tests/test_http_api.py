@@ -402,3 +402,39 @@ def test_chat_without_max_tokens_fills_the_context_left_after_the_adapter(server
     prefix = server.engine.prefixes.get("polite").num_tokens
     assert out.usage.prompt_tokens + out.usage.completion_tokens + prefix == limit
     assert out.choices[0].finish_reason == "length"
+
+
+def test_a_refused_stream_is_an_http_error_not_an_event_after_200(server):
+    body = {
+        "model": _model(server),
+        "prompt": PROMPT,
+        "max_tokens": 4,
+        "stream": True,
+        "guided_regex": "([a-z",
+    }
+    status, content, _ = _http(server, "POST", "/v1/completions", body)
+    assert status == 400 and "does not compile" in content["error"]["message"]
+    body = {"model": _model(server), "prompt": PROMPT, "max_tokens": 10**6, "stream": True}
+    status, content, _ = _http(server, "POST", "/v1/completions", body)
+    assert status == 400 and "exceeds the context" in content["error"]["message"]
+    assert not server.engine.requests
+
+
+def test_seeded_choices_differ_and_forbidden_tokens_have_finite_logprobs(server):
+    client = _client(server)
+    out = client.completions.create(
+        model=_model(server), prompt=PROMPT, max_tokens=8, temperature=1.0, seed=5, n=4
+    )
+    assert len({c.text for c in out.choices}) > 1  # seeds 5, 6, 7, 8: not one answer four times
+    out = client.chat.completions.create(
+        model=_model(server),
+        messages=MESSAGES,
+        max_tokens=4,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=5,
+        extra_body={"guided_choice": ["ab", "cd"]},
+    )
+    tops = [t.logprob for c in out.choices[0].logprobs.content for t in c.top_logprobs]
+    assert min(tops) == -9999.0  # forbidden tokens: -inf, sent as JSON allows
+    assert out.choices[0].message.content in ("ab", "cd")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
@@ -177,7 +177,7 @@ class ReplicaFleet:
         request_id: str | None = None,
         adapter: str | None = None,
         origin: Origin = LOCAL,
-    ) -> AsyncIterator[ServedOutput]:
+    ) -> AsyncGenerator[ServedOutput, None]:
         """Like ``AsyncEngine.generate``, on a replica that holds ``adapter``. A request whose
         replica stops before it produced output is sent again (up to ``max_attempts``); one that
         had produced output fails with ``EngineDeadError`` (UNAVAILABLE: retry)."""

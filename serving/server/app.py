@@ -126,7 +126,7 @@ class PrefixServer:
         )
         self._http = uvicorn.Server(config)
         self._http.install_signal_handlers = lambda: None  # the server's own handlers stop it
-        self._http_task = asyncio.create_task(self._http.serve())
+        self._http_task = asyncio.create_task(_serve_http(self._http, port))
         while not self._http.started:
             if self._http_task.done():
                 self._http_task.result()  # a port in use, say: raise it here
@@ -165,7 +165,9 @@ class PrefixServer:
             self._http.config.timeout_graceful_shutdown = max(1, round(grace))
             self._http.should_exit = True
             stopping.append(self._http_task)
-        await asyncio.gather(*stopping)
+        for result in await asyncio.gather(*stopping, return_exceptions=True):
+            if isinstance(result, BaseException):
+                logger.warning("while stopping: %r", result)
         await self.adapters.drain()  # loads and unloads finish (or undo) before the engine stops
         if self.state.engine is not None:
             await self.state.engine.shutdown(timeout=0)
@@ -175,6 +177,15 @@ class PrefixServer:
 
     async def wait_for_termination(self) -> None:
         await self._grpc.wait_for_termination()
+
+
+async def _serve_http(server: Any, port: int) -> None:
+    """uvicorn's ``serve``, whose ``sys.exit`` on a failed start (a port in use) becomes an
+    error of this task instead of ending the process."""
+    try:
+        await server.serve()
+    except SystemExit:
+        raise OSError(f"the HTTP API could not listen on port {port} (in use?)") from None
 
 
 async def serve(

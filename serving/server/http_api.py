@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import json
 import time
@@ -42,6 +43,7 @@ from ..async_engine import EngineDeadError, QueueFullError
 from ..engine import Prompt
 from ..request import RequestOutput
 from ..sampler import TokenLogprobs
+from ..sampling_params import SamplingParams
 from ..text import shorten
 from . import protocol
 from .adapter_service import AdapterService
@@ -224,12 +226,12 @@ def create_app(state: ServingState, adapters: AdapterService, max_request_bytes:
         http_id = request.state.request_id
         calls: list[Outputs] = []
         for prompt in prompts:
-            for _ in range(body.n):
+            for choice in range(body.n):
                 call = GenerationCall(
                     tenant=tenant,
                     adapter=adapter_of(body.model),
                     prompt=prompt,
-                    params=params,
+                    params=_choice_params(params, choice),
                     request_id=f"http-{http_id}:{next(ids)}",
                     priority=body.priority,
                     cache_salt=body.cache_salt,
@@ -257,7 +259,10 @@ def create_app(state: ServingState, adapters: AdapterService, max_request_bytes:
         completion = Completion(kind, body.model, request.state.request_id, body.n)
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return _sse(completion.stream(streams, state, include_usage, chat=chat))
+            # Every choice admitted (or refused) before the 200 goes out: a full queue, a bad
+            # constraint or a prompt too long is an HTTP error, not an event after a 200.
+            primed = await _primed(streams)
+            return _sse(completion.stream(primed, state, include_usage, chat=chat))
         return JSONResponse(await completion.whole(streams, state, chat=chat))
 
     @app.post("/v1/chat/completions", response_model=None)
@@ -558,6 +563,49 @@ async def _merged(
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+def _choice_params(params: Callable[[], SamplingParams], choice: int) -> Callable[[], Any]:
+    """Choice ``choice``'s parameters: a seeded request's choices get seeds ``seed + choice``
+    (else ``n`` seeded choices would all be one)."""
+
+    def made() -> SamplingParams:
+        p = params()
+        if choice and p.seed is not None:
+            return dataclasses.replace(p, seed=p.seed + choice)
+        return p
+
+    return made
+
+
+async def _primed(streams: Sequence[Outputs]) -> list[Outputs]:
+    """The streams with their first output already awaited (so that a refusal is raised here,
+    before any response is sent); if one fails, all are closed and the error raised."""
+    firsts = [asyncio.create_task(anext(s)) for s in streams]
+    try:
+        values = await asyncio.gather(*firsts)
+    except BaseException:
+        for task in firsts:
+            task.cancel()
+        await asyncio.gather(*firsts, return_exceptions=True)
+        for stream in streams:
+            await stream.aclose()
+        raise
+    return [_prepend(first, stream) for first, stream in zip(values, streams, strict=True)]
+
+
+async def _first(stream: Outputs) -> RequestOutput:
+    return await stream.__anext__()
+
+
+async def _prepend(first: RequestOutput, stream: Outputs) -> Outputs:
+    """``first``, then the rest of ``stream`` (closed with this generator)."""
+    try:
+        yield first
+        async for out in stream:
+            yield out
+    finally:
+        await stream.aclose()
+
+
 async def _all_last(streams: Sequence[Outputs]) -> list[RequestOutput]:
     """The last output of every stream; if one fails, the others are stopped (their engine
     requests aborted) before the error is raised."""
@@ -602,6 +650,15 @@ def _usage(outputs: Sequence[RequestOutput], n: int) -> dict[str, Any]:
     }
 
 
+LOGPROB_FLOOR = -9999.0
+"""What a log-probability of -inf (a token the constraint forbids) is sent as: JSON has no
+infinity (vLLM sends the same)."""
+
+
+def _lp(value: float) -> float:
+    return max(value, LOGPROB_FLOOR)
+
+
 def _token(state: ServingState, token_id: int) -> str:
     tokenizer = state.tokenizer
     assert tokenizer is not None
@@ -616,13 +673,13 @@ def _logprobs(entries: Sequence[TokenLogprobs], state: ServingState, chat: bool)
         for e in entries:
             token = _token(state, e.token_id)
             top = [
-                {"token": (t := _token(state, i)), "logprob": lp, "bytes": list(t.encode())}
+                {"token": (t := _token(state, i)), "logprob": _lp(lp), "bytes": list(t.encode())}
                 for i, lp in e.top
             ]
             content.append(
                 {
                     "token": token,
-                    "logprob": e.logprob,
+                    "logprob": _lp(e.logprob),
                     "bytes": list(token.encode()),
                     "top_logprobs": top,
                 }
@@ -632,8 +689,8 @@ def _logprobs(entries: Sequence[TokenLogprobs], state: ServingState, chat: bool)
     offsets = list(itertools.accumulate((len(t) for t in tokens), initial=0))[:-1]
     return {
         "tokens": tokens,
-        "token_logprobs": [e.logprob for e in entries],
-        "top_logprobs": [{_token(state, i): lp for i, lp in e.top} for e in entries],
+        "token_logprobs": [_lp(e.logprob) for e in entries],
+        "top_logprobs": [{_token(state, i): _lp(lp) for i, lp in e.top} for e in entries],
         "text_offset": offsets,
     }
 

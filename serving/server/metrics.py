@@ -215,6 +215,8 @@ class _WithoutTenants(Collector):
                 continue
             summed: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
             for sample in family.samples:
+                if sample.name.endswith("_created"):
+                    continue  # creation times do not sum (and their sum counts the tenants)
                 labels = tuple(sorted((k, v) for k, v in sample.labels.items() if k != "tenant"))
                 key = (sample.name, labels)
                 summed[key] = summed.get(key, 0.0) + sample.value
@@ -339,6 +341,8 @@ class _MetricsHandler(BaseHTTPRequestHandler):
 
     registry: CollectorRegistry
     keys: ApiKeys | None
+    timeout = 10.0
+    """Seconds a connection may stay silent (a client that sends nothing holds no thread)."""
 
     def do_GET(self) -> None:
         if self.path.split("?", 1)[0] not in ("/metrics", "/"):

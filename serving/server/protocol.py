@@ -61,11 +61,14 @@ def chat_token_ids(
             raise ValueError(
                 f"chat message {i}: role must be system, user or assistant, got {shorten(m.role)}"
             )
-    text = tokenizer.apply_chat_template(
-        [{"role": m.role, "content": m.content} for m in messages],
-        add_generation_prompt=True,
-        tokenize=False,
-    )
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": m.role, "content": m.content} for m in messages],
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+    except Exception as e:  # the template's own refusals (jinja2 errors): the caller's input
+        raise ValueError(f"the model's chat template refused the messages: {e}") from None
     return list(tokenizer.encode(str(text), add_special_tokens=False))
 
 

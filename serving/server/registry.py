@@ -113,7 +113,7 @@ class AdapterRegistry:
 
     def usage(self, owner: str) -> tuple[int, int]:
         """``(adapters, resident bytes)`` that tenant ``owner`` holds privately."""
-        mine = [r for r in self.records.values() if r.owner == owner]
+        mine = [r for r in list(self.records.values()) if r.owner == owner]
         return len(mine), sum(r.resident_bytes for r in mine)
 
     def usage_by_tenant(self) -> dict[str, tuple[int, int]]:

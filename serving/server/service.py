@@ -109,11 +109,12 @@ async def generation(
         )
         request_id = f"{tenant.name}:{call.request_id}"
         outputs = engine.generate(prompt, params, request_id, adapter=name, origin=origin)
-        async for out in outputs:
-            tracker.on_output(out)
-            if out.finished:
-                outcome = out.finish_reason or "abort"
-            yield out
+        async with contextlib.aclosing(outputs) as stream:  # closed here: aborted at once
+            async for out in stream:
+                tracker.on_output(out)
+                if out.finished:
+                    outcome = out.finish_reason or "abort"
+                yield out
     except (asyncio.CancelledError, GeneratorExit):
         if outcome == "error":  # gone before the end (not after its last output)
             outcome = ended_early()
