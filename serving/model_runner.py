@@ -413,9 +413,11 @@ def _first_line(error: BaseException, limit: int = 400) -> str:
 
 def shared_runs(requests: Sequence[Request], block_size: int) -> list[int]:
     """Per request, how many of its leading blocks it shares with another request of the step:
-    the longest such run, counting only blocks computed before the step (cached blocks, which
-    nobody writes) and only behind a prefix that ends on a block edge (the run then continues
-    the prefix's table). Requests that share nothing get 0.
+    the longest such run, counting only blocks before each one's ``num_computed_tokens`` (cached
+    blocks it does not write; a block registered by a request of this same step is written by
+    that request, whose own run stops before it, and every backend writes a layer's K/V before
+    any request reads them) and only behind a prefix that ends on a block edge (the run then
+    continues the prefix's table). Requests that share nothing get 0.
 
     Candidates are found by first block (O(requests) when nothing is shared); within a group,
     sorting the tables puts each request next to those it shares most with."""
