@@ -10,13 +10,15 @@ of its tenant) to recompute its tokens later.
 Many tenants share the engine, so no tenant may hold the others up (``scheduling_policy="fair"``,
 the default; ``"fcfs"`` is one queue in arrival order, preempting the latest admitted):
 * waiting requests are admitted from the tenant that has received the least service, weighted
-  (:mod:`~prefixserve.fair_share`: the Virtual Token Counter); by priority, then arrival, within a
-  tenant. One tenant alone, at one priority, is scheduled exactly as with ``fcfs``;
+  (:mod:`~prefixserve.fair_share`: the Virtual Token Counter); by priority, then queue order
+  (preempted requests first), within a tenant. One tenant alone, at one priority, is
+  scheduled exactly as with ``fcfs``;
 * a tenant whose next request cannot run for want of slots or blocks, while it holds less than
   its fair share of them, preempts the latest request (lowest priority first) of the tenant
   furthest over its share; at its share, it preempts its own running requests of lower priority
   than that one (vLLM's priority scheduling, within a tenant). A request runs
-  ``preemption_min_steps`` steps before that may hit it again, so the pool does not thrash.
+  ``preemption_min_steps`` steps before that may hit it again, so the pool does not thrash;
+  the request room was made for is admitted first in that step, its victims in a later one.
   When a running request needs a block and none is left, the victim is likewise the latest of
   the tenant furthest over its share of blocks;
 * while requests wait, running prefills leave ``long_prefill_token_threshold`` tokens of the
