@@ -108,7 +108,7 @@ class GrammarCompiler:
         future = asyncio.wrap_future(self.submit(constraint))
         try:  # shielded: a timeout here must not cancel the compile others may wait for
             return await asyncio.wait_for(asyncio.shield(future), self.timeout)
-        except TimeoutError:
+        except (TimeoutError, asyncio.TimeoutError):  # one and the same from Python 3.11
             raise self._too_slow(constraint) from None
 
     def _too_slow(self, constraint: tuple[str, str]) -> ValueError:
