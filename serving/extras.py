@@ -14,6 +14,7 @@ EXTRAS: dict[str, str] = {
     "peft": "peft",
     "ray": "ray.serve",
     "http": "fastapi",
+    "structured": "xgrammar",
 }
 """Extra name -> the module it installs."""
 

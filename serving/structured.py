@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .extras import MissingExtraError, require
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -65,7 +67,12 @@ class GrammarCompiler:
         """Each step's bitmask, while the model runs."""
 
     def _xgr_compiler(self) -> Any:
-        """xgrammar's compiler, built on first use (the tokenizer's vocabulary scan)."""
+        """xgrammar's compiler, built on first use (the tokenizer's vocabulary scan); a
+        ValueError naming the extra to install where xgrammar is missing."""
+        try:
+            require("structured", "structured output (json_schema, json_object, regex, ...)")
+        except MissingExtraError as e:
+            raise ValueError(f"this server cannot constrain outputs: {e}") from None
         import xgrammar as xgr
 
         with self._lock:

@@ -11,7 +11,17 @@ from pathlib import Path
 
 import pytest
 
-EXTRAS = ("triton", "bitsandbytes", "peft", "ray", "fastapi", "uvicorn", "multipart", "openai")
+EXTRAS = (
+    "triton",
+    "bitsandbytes",
+    "peft",
+    "ray",
+    "fastapi",
+    "uvicorn",
+    "multipart",
+    "openai",
+    "xgrammar",
+)
 ADAPTERS = Path(__file__).parents[1] / "examples" / "adapters"
 
 HIDE = """
@@ -143,3 +153,21 @@ asyncio.run(start())
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "pip install 'prefixserve[http]'" in done.stdout, done.stdout + done.stderr
+
+
+def test_a_constraint_without_the_structured_extra_fails_alone(tiny_model_dir):
+    model = tiny_model_dir("llama")
+    done = run_without(
+        ("xgrammar",),
+        f"""
+from prefixserve import LLM, SamplingParams
+llm = LLM(model={str(model)!r}, dtype="float32", num_kv_blocks=64, enforce_eager=True)
+try:
+    llm.generate(["hi"], SamplingParams(max_new_tokens=2, regex="[ab]"))
+except ValueError as exc:
+    print("refused:", exc)
+assert llm.generate(["hi"], SamplingParams(max_new_tokens=2))[0].token_ids
+""",
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "pip install 'prefixserve[structured]'" in done.stdout, done.stdout + done.stderr
