@@ -74,8 +74,8 @@ def test_cut_loads_leave_nothing_behind(server, upload):
     as with any RPC; it is then whole: in the engine and the registry both."""
     with Client(server.address, KEYS["acme"]) as acme:
         # On a busy machine the server may finish every load before it sees a deadline pass:
-        # then unload them and sweep again, a few times at most (it took a fourth sweep once
-        # in a full run on a 2-core machine).
+        # then unload them and sweep again, a few times at most (three sweeps were not enough
+        # once, in a full run on a 2-core machine).
         for sweep in range(6):
             names = [f"cut-{sweep}-{i}" for i in range(len(DEADLINES))]
             answered = {
