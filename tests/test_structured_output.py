@@ -6,6 +6,7 @@ slow constraints fail alone with a message; the gRPC and HTTP APIs carry constra
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from pathlib import Path
@@ -125,12 +126,18 @@ def test_json_object_regex_choice_and_grammar(llm):
 
 
 def test_logprobs_are_of_the_masked_distribution(llm):
+    """With one allowed answer, the few tokens that can start it hold all the probability: the
+    top 5 logprobs sum to 1 over them, and the rest of the top is -inf (the unmasked
+    distribution would spread its mass over the whole vocabulary)."""
     out = llm.generate(
-        [_prompt(llm, 1)], SamplingParams(max_new_tokens=4, choice=["yes", "no"], logprobs=3)
+        [_prompt(llm, 1)], SamplingParams(max_new_tokens=4, choice=["yes"], logprobs=5)
     )[0]
-    first = out.logprobs[0]
-    assert first.logprob > -1e-3 or len(first.top) >= 1  # few tokens may follow: mass on them
-    assert all(lp > float("-inf") for _, lp in first.top[:1])
+    assert out.text == "yes"
+    top = [lp for _, lp in out.logprobs[0].top]
+    finite = [lp for lp in top if lp > float("-inf")]
+    assert 1 <= len(finite) < len(top)
+    assert math.fsum(math.exp(lp) for lp in finite) == pytest.approx(1.0, abs=1e-4)
+    assert out.logprobs[0].logprob == max(finite)
 
 
 def test_a_truncated_constrained_output_says_length(llm):
