@@ -64,6 +64,9 @@ void paged_prefix_attention(const AttentionArgs& args);
 namespace avx512 {
 void paged_prefix_attention(const AttentionArgs& args);
 }
+namespace avx512_bf16 {
+void paged_prefix_attention(const AttentionArgs& args);
+}
 #endif
 
 }  // namespace prefixserve::cpu

@@ -17,6 +17,12 @@
 // each vector instruction serves kLanes rows: S^T = K Q^T is a broadcast of one key element
 // times a vector of rows, the softmax runs across rows, and O^T += V^T P^T likewise.
 //
+// Few rows (a decode's query heads of one kv head, GQA 3 in the default model, would fill 3 of
+// 16 lanes) of bf16 caches on AVX512-BF16 run row by row instead (attend_rowwise): a score
+// is a dot product along the head dimension by vdpbf16ps on the K row where it lies (no fp32
+// staging), 16 keys' partial sums are reduced by one transpose-add; values accumulate in fp32
+// with the head dimension as lanes. fp32 accumulation throughout; probabilities stay fp32.
+//
 // Reference: prefixserve.kernels.reference.paged_prefix_attention.
 
 #include <ATen/Parallel.h>
@@ -26,6 +32,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <limits>
 #include <type_traits>
@@ -252,6 +259,76 @@ void softmax_step(const Tile& t, int64_t n) {
   }
 }
 
+#if defined(__AVX512BF16__)
+constexpr int64_t kRowwiseRows = 8;  ///< tiles of up to this many rows run row by row
+
+/// The 16 lanes of out[j] = sum of v[j]'s lanes, for 16 vectors: one transpose-add (45
+/// shuffles and adds) instead of 16 horizontal reductions.
+inline __m512 sum_lanes16(const __m512 (&v)[16]) {
+  __m512 x[8], y[4], z[2];
+  for (int i = 0; i < 8; ++i)  // per 128-bit block: [a0+a2, b0+b2, a1+a3, b1+b3]
+    x[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                         _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)  // per block: the four keys 4i..4i+3, partial over the block
+    y[i] = _mm512_add_ps(_mm512_shuffle_ps(x[2 * i], x[2 * i + 1], 0x44),
+                         _mm512_shuffle_ps(x[2 * i], x[2 * i + 1], 0xEE));
+  for (int i = 0; i < 2; ++i)  // blocks: [y0 b0+b2, y0 b1+b3, y1 b0+b2, y1 b1+b3]
+    z[i] = _mm512_add_ps(_mm512_shuffle_f32x4(y[2 * i], y[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(y[2 * i], y[2 * i + 1], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(z[0], z[1], 0x88),
+                       _mm512_shuffle_f32x4(z[0], z[1], 0xDD));
+}
+
+/// out[j] = q . k_j for n <= kChunk keys (bf16 rows of dim % 32 == 0), 0 past n.
+inline void dot_scores(const c10::BFloat16* q, const c10::BFloat16* const* keys, int64_t n,
+                       int64_t dim, float* out) {
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    __m512 acc[16];
+    for (int jj = 0; jj < 16; ++jj) {
+      acc[jj] = _mm512_setzero_ps();
+      if (j0 + jj >= n) continue;
+      const c10::BFloat16* k = keys[j0 + jj];
+      for (int64_t d = 0; d < dim; d += 32) {
+        acc[jj] = _mm512_dpbf16_ps(acc[jj], (__m512bh)_mm512_loadu_si512(q + d),
+                                   (__m512bh)_mm512_loadu_si512(k + d));
+      }
+    }
+    _mm512_storeu_ps(out + j0, sum_lanes16(acc));
+  }
+}
+
+/// 16 bf16 -> 16 fp32 (exact).
+inline __m512 widen16(const c10::BFloat16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(
+      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
+/// acc[i][d0 .. d0 + 64) = alpha_i acc[i][...] + sum_j probs[i][j] v_j[d0 .. d0 + 64) for RB
+/// rows; acc row-major [rows][dim], probs [rows][kChunk].
+template <int RB>
+inline void value_rows(const c10::BFloat16* const* values, int64_t n, const float* probs,
+                       const float* alpha, int64_t dim, int64_t d0, float* acc) {
+  __m512 out[RB][4];
+  for (int i = 0; i < RB; ++i) {
+    const __m512 a = _mm512_set1_ps(alpha[i]);
+    for (int v = 0; v < 4; ++v)
+      out[i][v] = _mm512_mul_ps(_mm512_loadu_ps(acc + i * dim + d0 + 16 * v), a);
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    __m512 vv[4];
+    for (int v = 0; v < 4; ++v) vv[v] = widen16(values[j] + d0 + 16 * v);
+    for (int i = 0; i < RB; ++i) {
+      const __m512 p = _mm512_set1_ps(probs[i * kChunk + j]);
+      for (int v = 0; v < 4; ++v) out[i][v] = _mm512_fmadd_ps(p, vv[v], out[i][v]);
+    }
+  }
+  for (int i = 0; i < RB; ++i)
+    for (int v = 0; v < 4; ++v) _mm512_storeu_ps(acc + i * dim + d0 + 16 * v, out[i][v]);
+}
+#else
+constexpr int64_t kRowwiseRows = 0;
+#endif
+
 template <typename T>
 class Attention {
  public:
@@ -305,6 +382,27 @@ class Attention {
     for (int64_t i = 0; i < count; ++i) t.tokens[i] = static_cast<int32_t>(q_start + first + i);
     for (int64_t r = 0; r < t.padded; ++r)
       t.limit[r] = r < t.rows ? static_cast<float>(first_own + r / group_ + 1) : kAllVisible;
+    const int32_t* own_table = a_.block_tables + request * a_.block_table_stride;
+#if defined(__AVX512BF16__)
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      if (rowwise(t)) {
+      const c10::BFloat16* q[kRowwiseRows];
+      for (int64_t r = 0; r < t.rows; ++r) q[r] = query_row(r, t, kv_head);
+      if (tile[3] == kGroupedPrefix) {
+        load_state_rowwise(t, kv_head);
+      } else {
+        reset_state(t);
+      }
+      if (tile[3] == kReadPrefix) {
+        const int64_t prefix = a_.prefix_index[request];
+        attend_rowwise(t, q, prefix_table(prefix), a_.prefix_lens[prefix], kv_head, false);
+      }
+      attend_rowwise(t, q, own_table, first_own + count, kv_head, true);
+      store_output_rowwise(t, kv_head);
+      return;
+    }
+    }
+#endif
     load_queries(t, kv_head);
     if (tile[3] == kGroupedPrefix) {
       load_state(t, kv_head);
@@ -315,10 +413,102 @@ class Attention {
       const int64_t prefix = a_.prefix_index[request];
       attend(t, prefix_table(prefix), a_.prefix_lens[prefix], kv_head, false);
     }
-    const int32_t* own_table = a_.block_tables + request * a_.block_table_stride;
     attend(t, own_table, first_own + count, kv_head, true);
     store_output(t, kv_head);
   }
+
+#if defined(__AVX512BF16__)
+  /// Whether a query tile runs row by row: bf16 caches, few rows, whole 64-dim slices.
+  bool rowwise(const Tile& t) const {
+    return t.rows <= kRowwiseRows && dim_ % 64 == 0;
+  }
+
+  /// attend() for a row-by-row tile: acc [rows][dim], scores [rows][kChunk].
+  void attend_rowwise(Tile& t, const c10::BFloat16* const* q, const int32_t* table, int64_t len,
+                      int64_t kv_head, bool causal) const {
+    int64_t offsets[2][kChunk];
+    const c10::BFloat16* keys[kChunk];
+    const c10::BFloat16* values[kChunk];
+    locate_rows(table, 0, std::min(kChunk, len), kv_head, offsets[0]);
+    for (int64_t first = 0, buf = 0; first < len; first += kChunk, buf ^= 1) {
+      const int64_t n = std::min(kChunk, len - first);
+      const int64_t next = std::min(kChunk, len - first - n);
+      if (next > 0) {
+        locate_rows(table, first + n, next, kv_head, offsets[buf ^ 1]);
+        prefetch_rows(offsets[buf ^ 1], next);
+      }
+      for (int64_t j = 0; j < n; ++j) {
+        keys[j] = reinterpret_cast<const c10::BFloat16*>(k_) + offsets[buf][j];
+        values[j] = reinterpret_cast<const c10::BFloat16*>(v_) + offsets[buf][j];
+      }
+      for (int64_t r = 0; r < t.rows; ++r) dot_scores(q[r], keys, n, dim_, t.scores + r * kChunk);
+      softmax_rows(t, first, n, causal);
+      for (int64_t d0 = 0; d0 < dim_; d0 += 64) {
+        for (int64_t r = 0; r < t.rows; r += 4) {
+          const float* probs = t.scores + r * kChunk;
+          float* acc = t.acc + r * dim_;
+          switch (std::min<int64_t>(4, t.rows - r)) {
+            case 4: value_rows<4>(values, n, probs, t.alpha + r, dim_, d0, acc); break;
+            case 3: value_rows<3>(values, n, probs, t.alpha + r, dim_, d0, acc); break;
+            case 2: value_rows<2>(values, n, probs, t.alpha + r, dim_, d0, acc); break;
+            default: value_rows<1>(values, n, probs, t.alpha + r, dim_, d0, acc);
+          }
+        }
+      }
+    }
+  }
+
+  /// softmax_step() per row: scale, keys past n or (causal) past a row's limit to -inf, the
+  /// new maxima, probabilities, sums and rescale factors.
+  void softmax_rows(const Tile& t, int64_t first, int64_t n, bool causal) const {
+    const Vec scale(a_.scale);
+    for (int64_t r = 0; r < t.rows; ++r) {
+      float* s = t.scores + r * kChunk;
+      const float limit = causal ? std::min<float>(t.limit[r], first + n) : first + n;
+      Vec m(t.max[r]);
+      for (int64_t j = 0; j < kChunk; j += kLanes) {
+        Vec key = Vec::arange(static_cast<float>(first + j), 1.f);
+        Vec v = Vec::blendv(Vec::loadu(s + j) * scale, Vec(kNegInf), key >= Vec(limit));
+        v.store(s + j);
+        m = at::vec::maximum(m, v);
+      }
+      const float row_max = at::vec::vec_reduce_all<float>(
+          [](const Vec& x, const Vec& y) { return at::vec::maximum(x, y); }, m);
+      const float base = row_max == kNegInf ? 0.f : row_max;
+      Vec sum(0.f);
+      for (int64_t j = 0; j < kChunk; j += kLanes) {
+        const Vec p = (Vec::loadu(s + j) - Vec(base)).exp_u20();
+        p.store(s + j);
+        sum = sum + p;
+      }
+      const float alpha = std::exp(t.max[r] - base);
+      t.sum[r] = t.sum[r] * alpha +
+                 at::vec::vec_reduce_all<float>([](const Vec& x, const Vec& y) { return x + y; }, sum);
+      t.max[r] = row_max;
+      t.alpha[r] = alpha;
+    }
+  }
+
+  void load_state_rowwise(const Tile& t, int64_t kv_head) const {
+    for (int64_t r = 0; r < t.rows; ++r) {
+      const float* s = state_row(r, t, kv_head);
+      std::copy(s, s + dim_, t.acc + r * dim_);
+      t.max[r] = s[dim_];
+      t.sum[r] = s[dim_ + 1];
+    }
+  }
+
+  void store_output_rowwise(const Tile& t, int64_t kv_head) const {
+    float* row = t.stage;
+    for (int64_t r = 0; r < t.rows; ++r) {
+      const Vec inv(1.f / t.sum[r]);
+      for (int64_t d = 0; d < dim_; d += kLanes) (Vec::loadu(t.acc + r * dim_ + d) * inv).store(row + d);
+      const int64_t token = t.tokens[r / group_], head = kv_head * group_ + r % group_;
+      T* out = static_cast<T*>(a_.out) + (token * a_.num_q_heads + head) * dim_;
+      at::vec::convert(row, out, dim_);
+    }
+  }
+#endif
 
   const int32_t* prefix_table(int64_t prefix) const {
     return a_.prefix_block_tables + prefix * a_.prefix_table_stride;

@@ -1,7 +1,9 @@
 // The instruction sets this CPU runs and the choice of a kernel's build by ISA, shared by the
 // registrations of the native CPU ops: each kernel file is built once per ISA
-// (kernels/cpu_build.py), into the namespace of that ISA (baseline, avx2, avx512), and the op
-// runs the build its caller names.
+// (kernels/cpu_build.py), into the namespace of that ISA (baseline, avx2, avx512, avx512_bf16),
+// and the op runs the build its caller names. avx512_bf16 is AVX-512 plus the bf16 dot
+// product vdpbf16ps (Intel Cooper Lake and Sapphire Rapids on, AMD Zen 4 on): its fp32 code is
+// avx512's, its bf16 code multiplies bf16 pairs in one instruction instead of widening them.
 #pragma once
 
 #include <c10/util/Exception.h>
@@ -22,10 +24,11 @@ inline const std::vector<std::string>& cpu_isas() {
 #if defined(__x86_64__)
     __builtin_cpu_init();
     const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
-      found.emplace_back("avx512");
-    }
+    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
+                        __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    if (avx512 && __builtin_cpu_supports("avx512bf16")) found.emplace_back("avx512_bf16");
+    if (avx512) found.emplace_back("avx512");
     if (avx2) found.emplace_back("avx2");
 #endif
     found.emplace_back("baseline");
@@ -50,11 +53,13 @@ struct IsaBuilds {
 #if defined(__x86_64__)
   void (*avx2)(const Args&);
   void (*avx512)(const Args&);
+  void (*avx512_bf16)(const Args&);
 #endif
 };
 
 #if defined(__x86_64__)
-#define PREFIXSERVE_ISA_BUILDS(kernel) {&baseline::kernel, &avx2::kernel, &avx512::kernel}
+#define PREFIXSERVE_ISA_BUILDS(kernel) \
+  {&baseline::kernel, &avx2::kernel, &avx512::kernel, &avx512_bf16::kernel}
 #else
 #define PREFIXSERVE_ISA_BUILDS(kernel) {&baseline::kernel}
 #endif
@@ -63,6 +68,7 @@ struct IsaBuilds {
 template <typename Args>
 void run_isa_build(c10::string_view isa, const IsaBuilds<Args>& builds, const Args& args) {
 #if defined(__x86_64__)
+  if (isa == "avx512_bf16") return builds.avx512_bf16(args);
   if (isa == "avx512") return builds.avx512(args);
   if (isa == "avx2") return builds.avx2(args);
 #endif

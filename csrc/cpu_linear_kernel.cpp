@@ -17,13 +17,25 @@
 // registers 3 rows x 2 panels (12 accumulators), which measured faster than 6 rows x 1 panel.
 // Threads split the panels in pairs, and the rows in chunks when there are many.
 //
+// bf16 runs the same tiles on panels of input pairs (cpu_linear.h), so a decode step streams
+// half the bytes of fp32. With AVX512-BF16, one vdpbf16ps per panel and row multiplies a pair
+// of bf16 inputs (one 32-bit broadcast of x, read as bf16 where it lies) by the panel's 16
+// weight pairs and adds both products to fp32 accumulators. Elsewhere the rows are widened to
+// fp32 once per call and each weight vector is widened in registers (a bf16 is the top half
+// of an fp32: a shift or a mask), two FMAs per pair. Outputs are rounded to bf16 once, after
+// the bias, as F.linear's.
+//
 // Reference: torch.nn.functional.linear (with W = the panels unpacked).
 
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <c10/util/BFloat16.h>
+
 #include <algorithm>
+#include <cstring>
+#include <vector>
 
 #include "cpu_linear.h"
 
@@ -42,51 +54,190 @@ constexpr int kTilePanels = 2;                  ///< NP of a full tile
 constexpr bool kManyRegisters = kLanes >= 16;   ///< AVX-512's 32 vector registers
 constexpr int kTileRows = kManyRegisters ? 12 : 3;  ///< MR of a full tile
 constexpr int64_t kRowChunk = 20 * kTileRows;   ///< rows per task once there are more
+#if defined(__AVX512BF16__)
+constexpr bool kDotBf16 = true;  ///< vdpbf16ps: x stays bf16
+#else
+constexpr bool kDotBf16 = false;  ///< x widened to fp32 once per call
+#endif
 
-/// y[MR rows, NP panels' features from panel] = x[MR rows] W^T (+ bias).
+/// The fp32 rows of x a tile reads: x itself, or its widened copy (bf16 without vdpbf16ps).
+struct Rows {
+  const void* x;
+  int64_t stride;
+};
+
+/// acc[MR][NP * kPanelVectors] = x[MR rows] W^T over all K, fp32 panels.
 template <int MR, int NP>
-inline void tile(const LinearArgs& a, const float* x, int64_t panel, float* y) {
+inline void accumulate(const LinearArgs& a, const float* x, int64_t stride, int64_t panel,
+                       Vec (&acc)[MR][NP * kPanelVectors]) {
   constexpr int NV = NP * kPanelVectors;
   const int64_t k = a.k;
-  const float* w = a.panels + panel * k * kPanel;
-  Vec acc[MR][NV];
-  for (int i = 0; i < MR; ++i)
-    for (int v = 0; v < NV; ++v) acc[i][v] = Vec(0.f);
+  const float* w = static_cast<const float*>(a.panels) + panel * k * kPanel;
   for (int64_t d = 0; d < k; ++d) {
     Vec wv[NV];
     for (int p = 0; p < NP; ++p)
       for (int v = 0; v < kPanelVectors; ++v)
         wv[p * kPanelVectors + v] = Vec::loadu(w + (p * k + d) * kPanel + v * kLanes);
     for (int i = 0; i < MR; ++i) {
-      const Vec xb(x[i * a.x_stride + d]);
+      const Vec xb(x[i * stride + d]);
       for (int v = 0; v < NV; ++v) acc[i][v] = at::vec::fmadd(xb, wv[v], acc[i][v]);
     }
+  }
+}
+
+/// Widens kLanes weight pairs (one vector of 32-bit lanes, each an (even, odd) pair of bf16
+/// inputs' weights) to the even inputs' and the odd inputs' fp32 weights.
+inline void widen_pairs(const uint16_t* pairs, Vec& even, Vec& odd) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512i raw = _mm512_loadu_si512(pairs);
+  even = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
+  odd = _mm512_castsi512_ps(_mm512_and_si512(raw, _mm512_set1_epi32(0xFFFF0000)));
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pairs));
+  even = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
+  odd = _mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32(0xFFFF0000)));
+#else
+  alignas(64) float e[kLanes], o[kLanes];
+  for (int j = 0; j < kLanes; ++j) {
+    e[j] = c10::detail::f32_from_bits(pairs[2 * j]);
+    o[j] = c10::detail::f32_from_bits(pairs[2 * j + 1]);
+  }
+  even = Vec::loadu(e);
+  odd = Vec::loadu(o);
+#endif
+}
+
+/// acc[MR][NP * kPanelVectors] = x[MR rows] W^T over all K, bf16 panels, x widened to fp32.
+template <int MR, int NP>
+inline void accumulate_widened(const LinearArgs& a, const float* x, int64_t stride,
+                               int64_t panel, Vec (&acc)[MR][NP * kPanelVectors]) {
+  constexpr int NV = NP * kPanelVectors;
+  const int64_t pairs = (a.k + 1) / 2, full = a.k / 2;
+  const uint16_t* w = static_cast<const uint16_t*>(a.panels) + panel * pairs * 2 * kPanel;
+  auto weights = [&](int64_t d, Vec (&even)[NV], Vec (&odd)[NV]) {
+    for (int p = 0; p < NP; ++p)
+      for (int v = 0; v < kPanelVectors; ++v)
+        widen_pairs(w + ((p * pairs + d) * kPanel + v * kLanes) * 2, even[p * kPanelVectors + v],
+                    odd[p * kPanelVectors + v]);
+  };
+  for (int64_t d = 0; d < full; ++d) {
+    Vec even[NV], odd[NV];
+    weights(d, even, odd);
+    for (int i = 0; i < MR; ++i) {
+      const Vec xe(x[i * stride + 2 * d]), xo(x[i * stride + 2 * d + 1]);
+      for (int v = 0; v < NV; ++v)
+        acc[i][v] = at::vec::fmadd(xo, odd[v], at::vec::fmadd(xe, even[v], acc[i][v]));
+    }
+  }
+  if (full < pairs) {  // odd K: the last input alone
+    Vec even[NV], odd[NV];
+    weights(full, even, odd);
+    for (int i = 0; i < MR; ++i) {
+      const Vec xe(x[i * stride + 2 * full]);
+      for (int v = 0; v < NV; ++v) acc[i][v] = at::vec::fmadd(xe, even[v], acc[i][v]);
+    }
+  }
+}
+
+#if defined(__AVX512BF16__)
+/// acc[MR][NP] = x[MR rows] W^T over all K, bf16 panels and bf16 x, by vdpbf16ps. Tiles of
+/// one to four rows keep U > 1 partial sums per output, over interleaved pairs, so that the
+/// instruction's latency is not the loop's (each sum's next vdpbf16ps waits for its last).
+template <int MR, int NP>
+inline void accumulate_dot(const LinearArgs& a, const uint16_t* x, int64_t stride,
+                           int64_t panel, Vec (&acc)[MR][NP * kPanelVectors]) {
+  static_assert(kPanelVectors == 1, "vdpbf16ps runs on AVX-512 vectors");
+  constexpr int U = MR <= 2 ? 4 : MR <= 4 ? 2 : 1;
+  const int64_t pairs = (a.k + 1) / 2, full = a.k / 2;
+  const uint16_t* w = static_cast<const uint16_t*>(a.panels) + panel * pairs * 2 * kPanel;
+  __m512 sums[U][MR][NP];
+  for (int u = 0; u < U; ++u)
+    for (int i = 0; i < MR; ++i)
+      for (int p = 0; p < NP; ++p) sums[u][i][p] = _mm512_setzero_ps();
+  auto step = [&](int u, int64_t d, auto&& pair_of_row) {
+    __m512bh wv[NP];
+    for (int p = 0; p < NP; ++p)
+      wv[p] = (__m512bh)_mm512_loadu_si512(w + (p * pairs + d) * 2 * kPanel);
+    for (int i = 0; i < MR; ++i) {
+      const __m512bh xb = (__m512bh)_mm512_set1_epi32(pair_of_row(i, d));
+      for (int p = 0; p < NP; ++p) sums[u][i][p] = _mm512_dpbf16_ps(sums[u][i][p], xb, wv[p]);
+    }
+  };
+  auto pair = [&](int i, int64_t d) {
+    int32_t bits;
+    std::memcpy(&bits, x + i * stride + 2 * d, sizeof(bits));
+    return bits;
+  };
+  int64_t d = 0;
+  for (; d + U <= full; d += U)
+    for (int u = 0; u < U; ++u) step(u, d + u, pair);
+  for (; d < full; ++d) step(0, d, pair);
+  if (full < pairs) {  // odd K: the last input pairs with 0 (never with x's next element)
+    step(0, full, [&](int i, int64_t) { return static_cast<int32_t>(x[i * stride + 2 * full]); });
+  }
+  for (int i = 0; i < MR; ++i) {
+    for (int p = 0; p < NP; ++p) {
+      __m512 total = sums[0][i][p];
+      for (int u = 1; u < U; ++u) total = _mm512_add_ps(total, sums[u][i][p]);
+      acc[i][p] = total;
+    }
+  }
+}
+#endif
+
+/// y[MR rows, NP panels' features from panel] = x[MR rows] W^T (+ bias), in y's dtype.
+template <int MR, int NP>
+inline void tile(const LinearArgs& a, const Rows& x, int64_t panel, int64_t m) {
+  constexpr int NV = NP * kPanelVectors;
+  Vec acc[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v] = Vec(0.f);
+  if (!a.bf16) {
+    accumulate<MR, NP>(a, static_cast<const float*>(x.x) + m * x.stride, x.stride, panel, acc);
+  } else if constexpr (kDotBf16) {
+#if defined(__AVX512BF16__)
+    accumulate_dot<MR, NP>(a, static_cast<const uint16_t*>(x.x) + m * x.stride, x.stride, panel,
+                           acc);
+#endif
+  } else {
+    accumulate_widened<MR, NP>(a, static_cast<const float*>(x.x) + m * x.stride, x.stride,
+                               panel, acc);
   }
   const int64_t n0 = panel * kPanel;
   const int64_t valid = std::min<int64_t>(NP * kPanel, a.n - n0);
   for (int i = 0; i < MR; ++i) {
-    float* row = y + i * a.n;
-    if (valid == NP * kPanel) {
-      for (int v = 0; v < NV; ++v) {
-        Vec out = acc[i][v];
-        if (a.bias) out = out + Vec::loadu(a.bias + n0 + v * kLanes);
-        out.store(row + v * kLanes);
+    alignas(64) float out[NP * kPanel];
+    for (int v = 0; v < NV; ++v) acc[i][v].store(out + v * kLanes);
+    const int64_t row = (m + i) * a.n + n0;
+    if (!a.bf16) {
+      float* y = static_cast<float*>(a.y) + row;
+      const float* bias = a.bias ? static_cast<const float*>(a.bias) + n0 : nullptr;
+      if (valid == NP * kPanel) {
+        for (int v = 0; v < NV; ++v) {
+          Vec o = Vec::loadu(out + v * kLanes);
+          if (bias) o = o + Vec::loadu(bias + v * kLanes);
+          o.store(y + v * kLanes);
+        }
+      } else {  // the last panel runs past N
+        for (int64_t j = 0; j < valid; ++j) y[j] = out[j] + (bias ? bias[j] : 0.f);
       }
-    } else {  // the last panel runs past N: through a buffer
-      alignas(64) float lanes[NP * kPanel];
-      for (int v = 0; v < NV; ++v) acc[i][v].store(lanes + v * kLanes);
-      for (int64_t j = 0; j < valid; ++j) row[j] = lanes[j] + (a.bias ? a.bias[n0 + j] : 0.f);
+    } else {
+      auto* y = static_cast<c10::BFloat16*>(a.y) + row;
+      if (a.bias) {
+        const auto* bias = static_cast<const c10::BFloat16*>(a.bias) + n0;
+        for (int64_t j = 0; j < valid; ++j) out[j] += static_cast<float>(bias[j]);
+      }
+      at::vec::convert(out, y, valid);
     }
   }
 }
 
 /// Rows [m0, m1) times NP panels from panel: full tiles, then the rest in halving tiles.
 template <int NP>
-void rows(const LinearArgs& a, int64_t panel, int64_t m0, int64_t m1) {
-  const int64_t n0 = panel * kPanel;
+void rows(const LinearArgs& a, const Rows& x, int64_t panel, int64_t m0, int64_t m1) {
   int64_t m = m0;
   auto run = [&]<int MR>() {
-    tile<MR, NP>(a, a.x + m * a.x_stride, panel, a.y + m * a.n + n0);
+    tile<MR, NP>(a, x, panel, m);
     m += MR;
   };
   while (m + kTileRows <= m1) run.template operator()<kTileRows>();
@@ -100,9 +251,24 @@ void rows(const LinearArgs& a, int64_t panel, int64_t m0, int64_t m1) {
   if (m < m1) run.template operator()<1>();
 }
 
+/// x as the tiles read it: fp32 as given, bf16 as given for vdpbf16ps, else widened into
+/// `widened` ([M, K] fp32).
+Rows rows_of(const LinearArgs& a, std::vector<float>& widened) {
+  if (!a.bf16 || kDotBf16) return {a.x, a.x_stride};
+  widened.resize(static_cast<size_t>(a.m * a.k));
+  const auto* x = static_cast<const c10::BFloat16*>(a.x);
+  at::parallel_for(0, a.m, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i)
+      at::vec::convert(x + i * a.x_stride, widened.data() + i * a.k, a.k);
+  });
+  return {widened.data(), a.k};
+}
+
 }  // namespace
 
 void panel_linear(const LinearArgs& args) {
+  std::vector<float> widened;
+  const Rows x = rows_of(args, widened);
   const int64_t panels = (args.n + kPanel - 1) / kPanel;
   const int64_t groups = (panels + kTilePanels - 1) / kTilePanels;
   const int64_t chunks = (args.m + kRowChunk - 1) / kRowChunk;
@@ -113,9 +279,9 @@ void panel_linear(const LinearArgs& args) {
       const int64_t m0 = t % chunks * kRowChunk;
       const int64_t m1 = std::min(args.m, m0 + kRowChunk);
       if (panel + kTilePanels <= panels) {
-        rows<kTilePanels>(args, panel, m0, m1);
+        rows<kTilePanels>(args, x, panel, m0, m1);
       } else {
-        rows<1>(args, panel, m0, m1);  // an odd panel out
+        rows<1>(args, x, panel, m0, m1);  // an odd panel out
       }
     }
   });

@@ -1,5 +1,5 @@
-"""The native CPU linear op (``csrc/cpu_linear*.cpp``): ``F.linear`` in fp32 on a weight packed
-once as panels.
+"""The native CPU linear op (``csrc/cpu_linear*.cpp``): ``F.linear`` in fp32 or bf16 on a weight
+packed once as panels.
 
     load(cache_dir)                                         # once per process
     panels = pack_weight(weight)                            # once, at load: weight [N, K]
@@ -50,22 +50,37 @@ PANEL = 16
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
-    """nn.Linear's ``weight [N, K]`` -> ``panels [ceil(N / PANEL), K, PANEL]`` for
-    :func:`linear_packed`: panel ``p`` holds ``weight[PANEL p : PANEL (p + 1)]`` transposed, each
-    input's PANEL weights contiguous, zeros past N. A new fp32 tensor (the weight is not kept)."""
+    """nn.Linear's ``weight [N, K]`` -> its panels for :func:`linear_packed`, a new tensor (the
+    weight is not kept), in the weight's dtype: float32 (anything else but bfloat16 becomes
+    float32) or bfloat16.
+
+    fp32: ``[ceil(N / PANEL), K, PANEL]``; panel ``p`` holds ``weight[PANEL p : PANEL (p + 1)]``
+    transposed, each input's PANEL weights contiguous, zeros past N.
+
+    bf16: ``[ceil(N / PANEL), ceil(K / 2), PANEL, 2]``; the same panels with the weights of
+    inputs ``2i`` and ``2i + 1`` interleaved per feature (zeros past N and K): the pair layout
+    of ``vdpbf16ps`` and of AMX's B tiles."""
     if weight.dim() != 2:
         raise ValueError(f"pack_weight: expected a [N, K] weight, got {tuple(weight.shape)}")
     n, k = weight.shape
-    padded = weight.new_zeros(-(-n // PANEL) * PANEL, k, dtype=torch.float32)
-    padded[:n] = weight.detach()
-    return padded.view(len(padded) // PANEL, PANEL, k).transpose(1, 2).contiguous()
+    dtype = torch.bfloat16 if weight.dtype == torch.bfloat16 else torch.float32
+    even_k = k + k % 2 if dtype == torch.bfloat16 else k
+    padded = weight.new_zeros(-(-n // PANEL) * PANEL, even_k, dtype=dtype)
+    padded[:n, :k] = weight.detach()
+    panels = padded.view(len(padded) // PANEL, PANEL, even_k).transpose(1, 2)
+    if dtype == torch.float32:
+        return panels.contiguous()
+    # [P, K, 16] -> [P, K / 2, 2, 16] -> [P, K / 2, 16, 2]
+    return panels.reshape(len(panels), even_k // 2, 2, PANEL).transpose(2, 3).contiguous()
 
 
 def linear_packed(
     x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None, out_features: int, isa: str
 ) -> torch.Tensor:
-    """``x [..., K] @ W^T (+ bias [N]) -> [..., N]`` in fp32 on the CPU, ``W [N, K]`` given as
-    ``panels = pack_weight(W)`` and ``N = out_features``; the op loaded (:func:`load`)."""
+    """``x [..., K] @ W^T (+ bias [N]) -> [..., N]`` on the CPU, ``W [N, K]`` given as
+    ``panels = pack_weight(W)`` and ``N = out_features``; ``x``, the panels and the bias all
+    float32 or all bfloat16 (fp32 accumulation, rounded to bf16 once); the op loaded
+    (:func:`load`)."""
     return torch.ops.prefixserve.linear_packed(x, panels, bias, out_features, isa)
 
 

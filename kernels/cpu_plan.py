@@ -39,6 +39,27 @@ class DispatchRule:
 
     min_saved_keys: int = 256
     """Group iff it saves reading at least this many prefix keys (per kv head and layer)."""
+    min_reads_per_tile: int = 1
+    """... and the plain reads are at least this many per prefix tile ..."""
+    min_prefix_len: int = 0
+    """... and the prefix has at least this many tokens."""
+
+    @classmethod
+    def for_step(cls, isa: str, dtype: torch.dtype, head_dim: int) -> DispatchRule:
+        """The rule measured for the kernel a step runs. With bf16 caches on AVX512-BF16 the
+        op's decode tiles run row by row (``attend_rowwise``: a key's scores by ``vdpbf16ps``
+        on the bf16 row in place) at about a third of the row-vector tiles' time, while prefix
+        tiles keep widening K/V to fp32; grouping then pays only from 4 requests per prefix
+        tile and 32 prefix tokens (``bench_cpu_attention.py --dtype bfloat16``: a 512-token
+        prefix shared by 2 decodes, grouped 1.74 ms against plain 1.14; by 4, 0.94 against
+        1.12)."""
+        if isa in ROWWISE_ISAS and dtype == torch.bfloat16 and head_dim % 64 == 0:
+            return cls(min_saved_keys=256, min_reads_per_tile=4, min_prefix_len=32)
+        return cls()
+
+
+ROWWISE_ISAS = ("avx512_bf16",)
+"""ISAs whose build runs bf16 decode tiles row by row (``kRowwiseRows`` in the kernel)."""
 
 
 @dataclass(slots=True)
@@ -76,9 +97,15 @@ def prefer_grouped(
 
         grouped  iff  (plain_reads - grouped_reads) * prefix_len >= min_saved_keys
 
-    Measured with ``benchmarks/kernels/bench_cpu_attention.py`` (table "grouped vs plain").
+    (and the further conditions of :meth:`DispatchRule.for_step` where decodes run row by
+    row). Measured with ``benchmarks/kernels/bench_cpu_attention.py`` (table "grouped vs
+    plain").
     """
-    return (plain_reads - grouped_reads) * prefix_len >= rule.min_saved_keys
+    return (
+        (plain_reads - grouped_reads) * prefix_len >= rule.min_saved_keys
+        and plain_reads >= rule.min_reads_per_tile * grouped_reads
+        and prefix_len >= rule.min_prefix_len
+    )
 
 
 def plan_cpu_step(

@@ -167,20 +167,22 @@ def naive_prefix_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    compute_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """The same attention written as a plain per-request loop in fp32: the oracle for the
-    vectorized reference and for the kernels. Returns ``[T, Hq, D]`` in fp32."""
+    """The same attention written as a plain per-request loop in fp32 (or ``compute_dtype``:
+    float64 bounds the error of bf16 kernels): the oracle for the vectorized reference and for
+    the kernels. Returns ``[T, Hq, D]`` in ``compute_dtype``."""
     bs = meta.block_size
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     groups = query.shape[1] // num_kv_heads
-    flat_k = k_cache.reshape(-1, num_kv_heads, head_dim).float()
-    flat_v = v_cache.reshape(-1, num_kv_heads, head_dim).float()
+    flat_k = k_cache.reshape(-1, num_kv_heads, head_dim).to(compute_dtype)
+    flat_v = v_cache.reshape(-1, num_kv_heads, head_dim).to(compute_dtype)
 
     def slots(table: torch.Tensor, n: int) -> torch.Tensor:
         pos = torch.arange(n, device=table.device)
         return table.long()[pos // bs] * bs + pos % bs
 
-    out = torch.empty(query.shape, dtype=torch.float32, device=query.device)
+    out = torch.empty(query.shape, dtype=compute_dtype, device=query.device)
     for b in range(meta.num_requests):
         start, end = int(meta.cu_q_lens[b]), int(meta.cu_q_lens[b + 1])
         n_own, q_len = int(meta.own_lens[b]), end - start
@@ -191,7 +193,7 @@ def naive_prefix_attention(
             kv = torch.cat([slots(meta.prefix_block_tables[pid], n_pre), kv])
         k = flat_k[kv].repeat_interleave(groups, dim=1)  # [L, Hq, D]
         v = flat_v[kv].repeat_interleave(groups, dim=1)
-        q = query[start:end].float()  # [q_len, Hq, D]
+        q = query[start:end].to(compute_dtype)  # [q_len, Hq, D]
         scores = torch.einsum("qhd,khd->hqk", q, k) * scale
         own_index = torch.arange(n_own - q_len, n_own, device=q.device)[:, None]
         key_own = torch.arange(n_own, device=q.device)[None, :]

@@ -20,7 +20,7 @@ from .config import cache_root, env_cpu_isa
 from .kernels import cpu_attention
 from .kernels.cpu_build import NativeBuildError
 from .kernels.cpu_isa import default_isa
-from .kernels.cpu_plan import CPUStepPlan, plan_cpu_step
+from .kernels.cpu_plan import CPUStepPlan, DispatchRule, plan_cpu_step
 from .kernels.kv_write import scatter_kv
 from .kernels.metadata import AttentionMetadata
 
@@ -46,9 +46,10 @@ class NativeCPUBackend:
         self.prefix_mode = prefix_mode
         cpu_attention.load(cache_root())
         self.isa = default_isa(env_cpu_isa())
+        self.rule = DispatchRule.for_step(self.isa, shape.dtype, shape.head_dim)
 
     def plan(self, meta: AttentionMetadata) -> CPUStepPlan:
-        return plan_cpu_step(meta, self.isa, prefix_mode=self.prefix_mode)
+        return plan_cpu_step(meta, self.isa, prefix_mode=self.prefix_mode, rule=self.rule)
 
     def write_kv(
         self,

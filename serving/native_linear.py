@@ -8,7 +8,8 @@ packed once as panels, faster than ATen's GEMM at any number of rows (on the def
 layers at 2 threads, Zen 5: 0.29-0.44x ATen's time from 1 to 2,432 rows with AVX-512, 0.31-0.84x
 with AVX2; ``benchmarks/kernels/bench_cpu_linear.py``).
 
-:func:`use_native_linears` turns each plain fp32 ``nn.Linear`` of a CPU model into a
+:func:`use_native_linears` turns each plain fp32 ``nn.Linear`` of a CPU model (and each bf16
+one, where the CPU has a bf16 dot product) into a
 :class:`PackedLinear` in place. Its ``weight`` parameter is replaced by the ``panels`` buffer
 (the same size, N rounded up to 16), and the weight's pages, where they map the checkpoint's
 file, are given back at once; a weight tied to another module's (the default model's LM head
@@ -37,13 +38,13 @@ logger = logging.getLogger(__name__)
 
 
 class PackedLinear(nn.Linear):
-    """An ``nn.Linear`` whose weight is packed as the buffer ``panels [ceil(N / 16), K, 16]``
-    (:func:`~prefixserve.kernels.cpu_linear.pack_weight`), and whose forward runs
+    """An ``nn.Linear`` whose weight is packed as the buffer ``panels``
+    (:func:`~prefixserve.kernels.cpu_linear.pack_weight`: fp32 or bf16), and whose forward runs
     :func:`~prefixserve.kernels.cpu_linear.linear_packed`.
 
     ``weight`` is the parameter where it is tied to another module and so kept; elsewhere a
-    ``[N, K]`` fp32 tensor on the meta device, so that modeling code reading its shape or dtype
-    keeps working and anything reading its values fails loudly."""
+    ``[N, K]`` tensor of the weight's dtype on the meta device, so that modeling code reading
+    its shape or dtype keeps working and anything reading its values fails loudly."""
 
     isa: str
     """The instruction set of the op's kernel."""
@@ -58,20 +59,36 @@ class PackedLinear(nn.Linear):
         return cpu_linear.linear_packed(input, self.panels, self.bias, self.out_features, self.isa)
 
 
-def use_native_linears(model: nn.Module) -> int:
-    """Run ``model``'s plain fp32 CPU ``nn.Linear`` layers on the native op; returns how many.
+BF16_ISAS = ("avx512_bf16",)
+"""Instruction sets whose build runs bf16 linears faster than ATen's (oneDNN's) at every row
+count measured: those with a bf16 dot product (``benchmarks/kernels/bench_cpu_linear.py
+--dtype bfloat16``). Without one, the op widens bf16 to fp32 and loses to oneDNN from a few
+rows on, so bf16 linears stay ATen's there."""
 
-    Nothing changes (0) where the op cannot be built or loaded (logged once per process), or
-    where this CPU runs only the baseline instruction set (the kernel is vectorized for AVX2
-    and AVX-512; elsewhere ATen's GEMM is the better choice). Subclasses of ``nn.Linear``
-    (bitsandbytes' quantized layers, adapters' wrappers) are left alone."""
+
+def native_dtypes(isa: str) -> tuple[torch.dtype, ...]:
+    """The weight dtypes whose linears run on the native op with the build for ``isa``."""
+    if isa == "baseline":  # the kernel is vectorized for AVX2 and AVX-512
+        return ()
+    return (torch.float32, torch.bfloat16) if isa in BF16_ISAS else (torch.float32,)
+
+
+def use_native_linears(model: nn.Module) -> int:
+    """Run ``model``'s plain CPU ``nn.Linear`` layers on the native op; returns how many.
+
+    fp32 layers run on it wherever the CPU has AVX2, bf16 ones where it has a bf16 dot product
+    (:func:`native_dtypes`). Nothing changes (0) where the op cannot be built or loaded (logged
+    once per process), or where this CPU runs only the baseline instruction set (ATen's GEMM is
+    the better choice there). Subclasses of ``nn.Linear`` (bitsandbytes' quantized layers,
+    adapters' wrappers) are left alone."""
     try:
         cpu_linear.load(cache_root())
         isa = default_isa(env_cpu_isa())
     except NativeBuildError as e:
         _warn_unavailable(str(e))
         return 0
-    if isa == "baseline":
+    dtypes = native_dtypes(isa)
+    if not dtypes:
         return 0
     owners = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     mappings = _file_mappings() if hasattr(mmap, "MADV_DONTNEED") else []
@@ -84,14 +101,16 @@ def use_native_linears(model: nn.Module) -> int:
             and "forward" not in module.__dict__  # hooks of accelerate & co. call nn.Linear's
             and isinstance(weight, torch.Tensor)
             and weight.device.type == "cpu"
-            and weight.dtype == torch.float32
+            and weight.dtype in dtypes
         ):
             panels = cpu_linear.pack_weight(weight)
             if owners[id(weight)] == 1:  # not tied: the panels replace it
                 others = [span for owner, span in spans if owner != id(weight)]
                 _drop_file_pages(weight, mappings, others)
                 del module.weight
-                module.__dict__["_weight_meta"] = torch.empty(weight.shape, device="meta")
+                module.__dict__["_weight_meta"] = torch.empty(
+                    weight.shape, device="meta", dtype=weight.dtype
+                )
             module.register_buffer("panels", panels, persistent=False)
             module.__class__ = PackedLinear
             module.isa = isa

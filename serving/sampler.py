@@ -170,15 +170,20 @@ class Sampler:
                 f"batch mismatch: logits {batch} rows, params {len(params)}, "
                 f"generators {len(generators)}, history {len(history)}"
             )
-        raw = logits.float()
-        scores = raw.clone()
         penalized = [b for b, p in enumerate(params) if p.repetition_penalty != 1.0]
+        openai = [b for b, p in enumerate(params) if p.frequency_penalty or p.presence_penalty]
+        # Greedy rows without penalties take the argmax of the logits as they come (bf16 ones
+        # too: widening to fp32 is exact and keeps the order), so a greedy batch converts and
+        # copies nothing; penalties work on an fp32 copy, never on the model's output.
+        scores = logits
+        if penalized or openai:
+            scores = logits.float()
+            scores = scores.clone() if scores is logits else scores
         if penalized:
             penalties = torch.tensor([params[b].repetition_penalty for b in penalized])
             idx = torch.tensor(penalized, device=scores.device)
             rows_history = [history[b] for b in penalized]
             scores[idx] = apply_repetition_penalty(scores[idx], penalties, rows_history)
-        openai = [b for b, p in enumerate(params) if p.frequency_penalty or p.presence_penalty]
         if openai:
             idx = torch.tensor(openai, device=scores.device)
             starts = prompt_lens or [0] * batch
@@ -189,20 +194,22 @@ class Sampler:
                 [history[b][starts[b] :] for b in openai],
             )
 
-        tokens = torch.empty(batch, dtype=torch.long, device=scores.device)
         greedy = [b for b, p in enumerate(params) if p.greedy]
-        if greedy:
-            idx = torch.tensor(greedy, device=scores.device)
-            tokens[idx] = scores[idx].argmax(dim=1)
-        sampled = [b for b, p in enumerate(params) if not p.greedy]
-        if sampled:
+        if len(greedy) == batch:
+            tokens = scores.argmax(dim=1)
+        else:
+            tokens = torch.empty(batch, dtype=torch.long, device=scores.device)
+            if greedy:
+                idx = torch.tensor(greedy, device=scores.device)
+                tokens[idx] = scores[idx].argmax(dim=1)
+            sampled = [b for b, p in enumerate(params) if not p.greedy]
             idx = torch.tensor(sampled, device=scores.device)
             rows_params = [params[b] for b in sampled]
             rows_gens = [generators[b] for b in sampled]
-            tokens[idx] = self._sample(scores[idx], rows_params, rows_gens)
+            tokens[idx] = self._sample(scores[idx].float(), rows_params, rows_gens)
 
         token_ids = tokens.tolist()
-        return SamplerOutput(token_ids, _logprobs(raw, params, token_ids))
+        return SamplerOutput(token_ids, _logprobs(logits, params, token_ids))
 
     def _sample(
         self,
@@ -240,13 +247,14 @@ class Sampler:
 def _logprobs(
     raw: torch.Tensor, params: Sequence[SamplingParams], token_ids: list[int]
 ) -> list[TokenLogprobs | None]:
-    """raw: (B, V) fp32 unprocessed logits; one entry per row, None where logprobs are off."""
+    """raw: (B, V) unprocessed logits (any float dtype; fp32 from here); one entry per row, None
+    where logprobs are off."""
     out: list[TokenLogprobs | None] = [None] * len(params)
     wanted = [b for b, p in enumerate(params) if p.logprobs is not None]
     if not wanted:
         return out
     idx = torch.tensor(wanted, device=raw.device)
-    logp = raw[idx].log_softmax(dim=1)
+    logp = raw[idx].float().log_softmax(dim=1)
     chosen = logp.gather(1, torch.tensor([[token_ids[b]] for b in wanted], device=raw.device))
     n = min(max(params[b].logprobs or 0 for b in wanted), raw.shape[1])
     top_vals, top_ids = logp.topk(n, dim=1)

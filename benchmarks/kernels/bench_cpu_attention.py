@@ -29,7 +29,7 @@ from bench_attention import Shape, build_step
 from prefixserve.config import cache_root, env_cpu_isa
 from prefixserve.kernels import cpu_attention
 from prefixserve.kernels.cpu_isa import default_isa
-from prefixserve.kernels.cpu_plan import plan_cpu_step
+from prefixserve.kernels.cpu_plan import DispatchRule, plan_cpu_step
 from prefixserve.kernels.reference import build_gather_plan, paged_prefix_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: bench_common
@@ -53,7 +53,9 @@ def timer(fn: Callable[[], object], repeats: int) -> float:
 
 
 def _op(query, k_cache, v_cache, meta, mode: str):
-    plan = plan_cpu_step(meta, default_isa(env_cpu_isa()), prefix_mode=mode)
+    isa = default_isa(env_cpu_isa())
+    rule = DispatchRule.for_step(isa, query.dtype, query.shape[-1])  # the engine's rule
+    plan = plan_cpu_step(meta, isa, prefix_mode=mode, rule=rule)
     scale = query.shape[-1] ** -0.5
     return plan, lambda: cpu_attention.paged_prefix_attention(query, k_cache, v_cache, plan, scale)
 

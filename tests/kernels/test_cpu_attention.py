@@ -46,9 +46,7 @@ CASES = pairwise(
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _native_op() -> None:
-    cpu_attention.load(cache_root())  # builds once per machine (cached); the tests need it
+cpu_attention.load(cache_root())  # builds once per machine (cached); cpu_isas() below needs it
 
 
 def _case_id(case: dict) -> str:
@@ -302,3 +300,57 @@ def test_one_native_library_per_process(tmp_path):
     first = load_cpu_ops(cache_root())
     assert load_cpu_ops(tmp_path / "elsewhere") == first
     assert not (tmp_path / "elsewhere").exists()
+
+
+@pytest.mark.parametrize("isa", cpu_isas())
+@pytest.mark.parametrize("kind", ["decode", "chunked", "mixed"])
+@pytest.mark.parametrize("gqa", [1, 3, 8])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_bf16_within_one_rounding_of_float64(isa, kind, gqa, head_dim):
+    """bf16 queries and caches against the same attention in float64 of the same bf16 values:
+    fp32 accumulation leaves the output within one bf16 ulp (2^-8 of its magnitude, plus 1e-3
+    near 0). On avx512_bf16, tiles of up to 8 rows (decodes: GQA 1 to 8) run row by row
+    (vdpbf16ps on the bf16 K rows); larger tiles and other ISAs widen K/V to fp32."""
+    hq, hkv = HEADS[gqa]
+    sc = random_step(
+        kind,
+        6,
+        [37, 100],
+        "zipf",
+        num_q_heads=hq,
+        num_kv_heads=hkv,
+        head_dim=head_dim,
+        block_size=16,
+        dtype=torch.bfloat16,
+        seed=head_dim + gqa,
+    )
+    want = naive_prefix_attention(
+        sc.query, sc.k_cache, sc.v_cache, sc.meta, sc.scale, compute_dtype=torch.float64
+    )
+    for mode in ("plain", "grouped"):
+        got = _attend(sc, isa, mode).double()
+        excess = (got - want).abs() - (want.abs() * 2**-8 + 1e-3)
+        assert excess.max().item() <= 0, f"{mode}: {excess.max().item():.3g} over the bound"
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), 3e38])
+@pytest.mark.parametrize("mode", ["plain", "grouped"])
+def test_bf16_row_by_row_tiles_read_only_their_slots(poison, mode):
+    """The row-by-row bf16 decode tiles (head_dim 64, GQA 3) against poisoned unreadable slots:
+    partial chunks of 16 keys, partly filled blocks and padded table entries included."""
+    sc = make_scenario(
+        [1] * 5,
+        [5, 17, 1, 33, 16],
+        adapter_mix("half_none", 5, 3, seed=1),
+        [1, 17, 5],
+        num_q_heads=6,
+        num_kv_heads=2,
+        head_dim=64,
+        block_size=4,
+        dtype=torch.bfloat16,
+        spare_first_block=True,
+    )
+    want = _attend(sc, mode=mode)
+    poison_unreadable(sc, poison)
+    assert torch.equal(_attend(sc, mode=mode), want)
+    assert_matches_oracle(want, sc)

@@ -17,7 +17,7 @@ from torch import nn
 from prefixserve.config import cache_root, env_cpu_isa
 from prefixserve.kernels import cpu_linear
 from prefixserve.kernels.cpu_isa import cpu_isas, default_isa
-from prefixserve.native_linear import PackedLinear, use_native_linears
+from prefixserve.native_linear import PackedLinear, native_dtypes, use_native_linears
 
 cpu_linear.load(cache_root())  # builds once per machine (cached); cpu_isas() below needs it
 
@@ -49,6 +49,36 @@ def test_matches_float64(isa: str, rows: int, n: int, k: int) -> None:
     for bias in (None, b):
         y = cpu_linear.linear_packed(x, panels, bias, n, isa)
         _assert_close(y, _expected(x, w, bias), k)
+
+
+def _assert_bf16_close(y: torch.Tensor, want: torch.Tensor, k: int) -> None:
+    """bf16 inputs multiply exactly in fp32; fp32 sums of ``k`` of them, then one rounding to
+    bf16: within 2^-8 of the exact float64 result's magnitude (one bf16 ulp at most; rounding
+    alone is half of that) plus the fp32 sum's few ulps."""
+    assert y.dtype == torch.bfloat16 and y.shape == want.shape
+    err = (y.double() - want).abs()
+    bound = want.abs() * 2**-8 + 1e-5 * max(k, 16) ** 0.5
+    assert bool((err <= bound).all()), f"max excess {(err - bound).max().item():.3g}"
+
+
+@pytest.mark.parametrize("isa", cpu_isas())
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 13, 38, 241])
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_bf16_within_one_rounding_of_float64(isa: str, rows: int, n: int, k: int) -> None:
+    """bf16 panels (input pairs interleaved; odd K pads a zero, which must never meet x's next
+    element): vdpbf16ps on avx512_bf16, widened weights elsewhere."""
+    x, w, b = (torch.randn(*shape).bfloat16() for shape in ((rows, k), (n, k), (n,)))
+    panels = cpu_linear.pack_weight(w)
+    assert panels.dtype == torch.bfloat16
+    assert panels.shape == (-(-n // cpu_linear.PANEL), -(-k // 2), cpu_linear.PANEL, 2)
+    for bias in (None, b):
+        y = cpu_linear.linear_packed(x, panels, bias, n, isa)
+        _assert_bf16_close(y, _expected(x, w, bias), k)
+    # an odd K's last input pairs with the row's next element in memory: poison it
+    wide = torch.full((rows, k + 1), float("nan"), dtype=torch.bfloat16)
+    wide[:, :k] = x
+    y = cpu_linear.linear_packed(wide[:, :k], panels, None, n, isa)
+    _assert_bf16_close(y, _expected(x, w, None), k)
 
 
 @pytest.mark.parametrize("isa", cpu_isas())
@@ -90,8 +120,11 @@ def test_bad_inputs_raise_clear_errors() -> None:
         cpu_linear.linear_packed(torch.randn(2, 9), panels, None, 20, isa)
     with pytest.raises(RuntimeError, match=r"bias .* does not match 20 output features"):
         cpu_linear.linear_packed(x, panels, torch.randn(16), 20, isa)
-    with pytest.raises(RuntimeError, match="run in float32"):
+    with pytest.raises(RuntimeError, match="must all be float32 or all bfloat16"):
         cpu_linear.linear_packed(x.bfloat16(), panels, None, 20, isa)
+    bf16_panels = cpu_linear.pack_weight(torch.randn(20, 8).bfloat16())
+    with pytest.raises(RuntimeError, match=r"expected \[2, 5, 16, 2\]"):
+        cpu_linear.linear_packed(torch.randn(2, 9).bfloat16(), bf16_panels, None, 20, isa)
     with pytest.raises(RuntimeError, match="not one of this CPU's"):
         cpu_linear.linear_packed(x, panels, None, 20, "sse9")
     with pytest.raises(ValueError, match=r"expected a \[N, K\] weight"):
@@ -119,8 +152,8 @@ def test_op_is_opaque_to_torch_compile() -> None:
 def test_model_linears_swap_in_place() -> None:
     """Plain fp32 nn.Linear layers become PackedLinear: the weight is replaced by its panels, or,
     where it is tied to another module, stays that module's beside a packed copy; the other
-    parameters stay the same objects; subclasses and other dtypes are left alone; outputs are
-    F.linear's."""
+    parameters stay the same objects; subclasses and other dtypes are left alone (bf16 too,
+    unless the CPU has a bf16 dot product); outputs are F.linear's."""
 
     class Quantized(nn.Linear):  # stands for bitsandbytes' layers, which subclass nn.Linear
         pass
@@ -146,10 +179,12 @@ def test_model_linears_swap_in_place() -> None:
         if default_isa(env_cpu_isa()) == "baseline":
             assert swapped == 0
             return
-        assert swapped == 3
+        bf16 = torch.bfloat16 in native_dtypes(default_isa(env_cpu_isa()))
+        assert swapped == 3 + bf16
         kinds = {name: type(m) for name, m in model.items()}
         assert kinds["up"] is kinds["down"] is kinds["head"] is PackedLinear
-        assert kinds["quantized"] is Quantized and kinds["bf16"] is nn.Linear
+        assert kinds["quantized"] is Quantized
+        assert kinds["bf16"] is (PackedLinear if bf16 else nn.Linear)
         assert "weight" not in dict(model["up"].named_parameters())
         placeholder = model["up"].weight  # shape and dtype for modeling code, no values
         assert placeholder.is_meta and placeholder.shape == (40, 16)
@@ -159,7 +194,8 @@ def test_model_linears_swap_in_place() -> None:
         assert torch.equal(model["head"].panels, cpu_linear.pack_weight(embed.weight))
         assert not any(key.endswith("panels") for key in model.state_dict())  # not persistent
         now = dict(model.named_parameters())
-        assert now.keys() == params.keys() - {"up.weight", "down.weight"}
+        replaced = {"up.weight", "down.weight", *(["bf16.weight"] if bf16 else [])}
+        assert now.keys() == params.keys() - replaced
         assert all(p is params[name] for name, p in now.items())
         got = model["head"](model["down"](model["up"](x)))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
