@@ -14,8 +14,9 @@ from transformers import (
 )
 
 from .attention import register_attention
-from .config import ModelConfig
+from .config import ModelConfig, auto_dtype
 from .extras import require
+from .kernels.progress import say
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,9 @@ def load_model(config: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenize
     if getattr(hf_config, "model_type", None) is None or not hf_config.architectures:
         raise ValueError(f"{path!r} is not a causal language model transformers can load")
     quantization = _quantization_config(config)
+    if config.dtype == "auto":
+        dtype, why = auto_dtype(str(device), config.quantization)
+        say(f"dtype auto: {str(dtype).removeprefix('torch.')} ({why})")
     kwargs: dict[str, object] = {
         "dtype": config.torch_dtype,
         "attn_implementation": register_attention(),

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import cache_root, env_cpu_isa
+from .config import BF16_ISAS, cache_root, env_cpu_isa
 from .kernels import cpu_linear
 from .kernels.cpu_build import NativeBuildError
 from .kernels.cpu_isa import default_isa
@@ -59,15 +59,12 @@ class PackedLinear(nn.Linear):
         return cpu_linear.linear_packed(input, self.panels, self.bias, self.out_features, self.isa)
 
 
-BF16_ISAS = ("avx512_bf16",)
-"""Instruction sets whose build runs bf16 linears faster than ATen's (oneDNN's) at every row
-count measured: those with a bf16 dot product (``benchmarks/kernels/bench_cpu_linear.py
---dtype bfloat16``). Without one, the op widens bf16 to fp32 and loses to oneDNN from a few
-rows on, so bf16 linears stay ATen's there."""
-
-
 def native_dtypes(isa: str) -> tuple[torch.dtype, ...]:
-    """The weight dtypes whose linears run on the native op with the build for ``isa``."""
+    """The weight dtypes whose linears run on the native op with the build for ``isa``: bf16
+    only with a bf16 dot product (:data:`~prefixserve.config.BF16_ISAS`), where the op beats
+    oneDNN's bf16 GEMM up to 64 rows and is within 6% of it beyond (``benchmarks/kernels/
+    bench_cpu_linear.py --dtype bfloat16``). Without one, the op widens bf16 to fp32 and loses
+    to oneDNN from a few rows on, so bf16 linears stay ATen's there."""
     if isa == "baseline":  # the kernel is vectorized for AVX2 and AVX-512
         return ()
     return (torch.float32, torch.bfloat16) if isa in BF16_ISAS else (torch.float32,)
