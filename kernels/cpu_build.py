@@ -33,10 +33,10 @@ from .progress import exclusive_lock, say
 SOURCE_DIR = Path(__file__).resolve().parents[1] / "csrc"
 """``csrc/`` of the source tree, or ``prefixserve/csrc`` of an installed package."""
 LIBRARY_NAME = "libprefixserve_cpu.so"
-REGISTRATIONS = ("cpu_attention.cpp", "cpu_linear.cpp")
-KERNELS = ("cpu_attention_kernel.cpp", "cpu_linear_kernel.cpp")
+REGISTRATIONS = ("cpu_attention.cpp", "cpu_linear.cpp", "cpu_sampling.cpp")
+KERNELS = ("cpu_attention_kernel.cpp", "cpu_linear_kernel.cpp", "cpu_sampling_kernel.cpp")
 """Kernel files, each built once per instruction set."""
-HEADERS = ("cpu_attention.h", "cpu_isa.h", "cpu_linear.h")
+HEADERS = ("cpu_attention.h", "cpu_isa.h", "cpu_linear.h", "cpu_sampling.h")
 COMMON_FLAGS = ("-O3", "-DNDEBUG", "-std=c++20", "-fPIC", "-fopenmp", "-fvisibility=hidden")
 ISA_FLAGS: dict[str, tuple[str, ...]] = {
     "baseline": ("-DCPU_CAPABILITY=DEFAULT",),

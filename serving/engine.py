@@ -31,7 +31,7 @@ from .model_loader import load_model
 from .model_runner import ModelRunner
 from .prefix_store import PrefixStore
 from .request import FinishReason, ListPrefix, Request, RequestOutput
-from .sampler import Sampler, request_generator
+from .sampler import Sampler, native_argmax, request_generator
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .structured import GrammarCompiler
@@ -166,7 +166,7 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.config.scheduler, self.allocator, self.prefixes, self.block_size
         )
-        self.sampler = Sampler()
+        self.sampler = Sampler(argmax=native_argmax(self.runner.device))
         self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, sorted(self.eos_token_ids))
         """Compiled output constraints (structured output), and each step's token masks."""
         self.requests: dict[str, Request] = {}
