@@ -67,6 +67,9 @@ void paged_prefix_attention(const AttentionArgs& args);
 namespace avx512_bf16 {
 void paged_prefix_attention(const AttentionArgs& args);
 }
+namespace amx {
+void paged_prefix_attention(const AttentionArgs& args);
+}
 #endif
 
 }  // namespace prefixserve::cpu

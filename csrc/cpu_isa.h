@@ -1,9 +1,11 @@
 // The instruction sets this CPU runs and the choice of a kernel's build by ISA, shared by the
 // registrations of the native CPU ops: each kernel file is built once per ISA
-// (kernels/cpu_build.py), into the namespace of that ISA (baseline, avx2, avx512, avx512_bf16),
-// and the op runs the build its caller names. avx512_bf16 is AVX-512 plus the bf16 dot
+// (kernels/cpu_build.py), into the namespace of that ISA (baseline, avx2, avx512, avx512_bf16,
+// amx), and the op runs the build its caller names. avx512_bf16 is AVX-512 plus the bf16 dot
 // product vdpbf16ps (Intel Cooper Lake and Sapphire Rapids on, AMD Zen 4 on): its fp32 code is
 // avx512's, its bf16 code multiplies bf16 pairs in one instruction instead of widening them.
+// amx is avx512_bf16 plus AMX's bf16 tiles (Intel Sapphire Rapids on), listed only where the
+// kernel grants the process the tile state (arch_prctl ARCH_REQ_XCOMP_PERM).
 #pragma once
 
 #include <c10/util/Exception.h>
@@ -14,7 +16,22 @@
 #include <string>
 #include <vector>
 
+#if defined(__x86_64__) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 namespace prefixserve::cpu {
+
+/// Whether this process may use AMX tiles: Linux grants the tile data state on request.
+inline bool amx_permitted() {
+#if defined(__x86_64__) && defined(__linux__)
+  constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
 
 /// Instruction sets this CPU runs, best first ("baseline" is plain x86-64 or the host's ISA);
 /// detected once per process.
@@ -27,7 +44,12 @@ inline const std::vector<std::string>& cpu_isas() {
     const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
                         __builtin_cpu_supports("avx512bw") &&
                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-    if (avx512 && __builtin_cpu_supports("avx512bf16")) found.emplace_back("avx512_bf16");
+    const bool bf16 = avx512 && __builtin_cpu_supports("avx512bf16");
+    if (bf16 && __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16") &&
+        amx_permitted()) {
+      found.emplace_back("amx");
+    }
+    if (bf16) found.emplace_back("avx512_bf16");
     if (avx512) found.emplace_back("avx512");
     if (avx2) found.emplace_back("avx2");
 #endif
@@ -54,12 +76,13 @@ struct IsaBuilds {
   void (*avx2)(const Args&);
   void (*avx512)(const Args&);
   void (*avx512_bf16)(const Args&);
+  void (*amx)(const Args&);
 #endif
 };
 
 #if defined(__x86_64__)
 #define PREFIXSERVE_ISA_BUILDS(kernel) \
-  {&baseline::kernel, &avx2::kernel, &avx512::kernel, &avx512_bf16::kernel}
+  {&baseline::kernel, &avx2::kernel, &avx512::kernel, &avx512_bf16::kernel, &amx::kernel}
 #else
 #define PREFIXSERVE_ISA_BUILDS(kernel) {&baseline::kernel}
 #endif
@@ -68,6 +91,7 @@ struct IsaBuilds {
 template <typename Args>
 void run_isa_build(c10::string_view isa, const IsaBuilds<Args>& builds, const Args& args) {
 #if defined(__x86_64__)
+  if (isa == "amx") return builds.amx(args);
   if (isa == "avx512_bf16") return builds.avx512_bf16(args);
   if (isa == "avx512") return builds.avx512(args);
   if (isa == "avx2") return builds.avx2(args);

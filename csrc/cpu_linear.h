@@ -46,6 +46,9 @@ void panel_linear(const LinearArgs& args);
 namespace avx512_bf16 {
 void panel_linear(const LinearArgs& args);
 }
+namespace amx {
+void panel_linear(const LinearArgs& args);
+}
 #endif
 
 }  // namespace prefixserve::cpu

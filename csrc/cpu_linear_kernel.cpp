@@ -25,6 +25,15 @@
 // of an fp32: a shift or a mask), two FMAs per pair. Outputs are rounded to bf16 once, after
 // the bias, as F.linear's.
 //
+// With AMX (the amx build), bf16 rows in blocks of 16 or 32 times one or two panels run on
+// tiles: a panel's 16 pair-rows of 64 bytes are exactly the B operand of tdpbf16ps (no
+// repacking), x's rows the A operand where they lie, and up to four 16 x 16 fp32 accumulator
+// tiles stay in the tile registers along K. Rows past the last full block, and K not a multiple
+// of 32, run on the vdpbf16ps tiles. AMX is not run by the CPUs this was written on: its
+// blocking is tested by building this file against an emulation of the tile instructions
+// (tests/kernels/test_cpu_linear.py, amx_emulation.h), the instructions themselves only where a
+// CPU has them.
+//
 // Reference: torch.nn.functional.linear (with W = the panels unpacked).
 
 #include <ATen/Parallel.h>
@@ -38,6 +47,10 @@
 #include <vector>
 
 #include "cpu_linear.h"
+
+#if defined(PREFIXSERVE_AMX_EMULATE)
+#include PREFIXSERVE_AMX_EMULATE  // tests: the tile instructions in software
+#endif
 
 #ifndef PREFIXSERVE_ISA
 #error "compile once per instruction set with -DPREFIXSERVE_ISA=<name> (kernels/cpu_build.py)"
@@ -53,7 +66,11 @@ static_assert(kPanel % kLanes == 0, "a panel is whole vectors");
 constexpr int kTilePanels = 2;                  ///< NP of a full tile
 constexpr bool kManyRegisters = kLanes >= 16;   ///< AVX-512's 32 vector registers
 constexpr int kTileRows = kManyRegisters ? 12 : 3;  ///< MR of a full tile
-constexpr int64_t kRowChunk = 20 * kTileRows;   ///< rows per task once there are more
+#if defined(__AMX_BF16__) || defined(PREFIXSERVE_AMX_EMULATE)
+constexpr int64_t kRowChunk = 256;  ///< rows per task once there are more: whole AMX blocks
+#else
+constexpr int64_t kRowChunk = 20 * kTileRows;  ///< rows per task once there are more
+#endif
 #if defined(__AVX512BF16__)
 constexpr bool kDotBf16 = true;  ///< vdpbf16ps: x stays bf16
 #else
@@ -185,6 +202,101 @@ inline void accumulate_dot(const LinearArgs& a, const uint16_t* x, int64_t strid
 }
 #endif
 
+#if defined(__AMX_BF16__) || defined(PREFIXSERVE_AMX_EMULATE)
+#define PREFIXSERVE_AMX 1
+
+constexpr int64_t kAmxRows = 16;  ///< rows of an A or C tile
+constexpr int64_t kAmxK = 32;     ///< inputs per A tile row (64 bytes of bf16)
+
+/// Every tile 16 rows x 64 bytes: C 16 x 16 fp32, A 16 rows x 32 bf16, B 16 pair-rows x 16
+/// features (a panel's rows).
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+inline void configure_tiles() {
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) {
+    config.colsb[t] = 64;
+    config.rows[t] = 16;
+  }
+  _tile_loadconfig(&config);
+}
+
+/// y[m .. m + 16, panel's features] = c (a stored 16 x 16 fp32 tile) + bias, rounded to bf16.
+inline void store_tile(const LinearArgs& a, float* c, int64_t m, int64_t panel) {
+  const int64_t n0 = panel * kPanel;
+  const int64_t valid = std::min<int64_t>(kPanel, a.n - n0);
+  const auto* bias = static_cast<const c10::BFloat16*>(a.bias);
+  for (int64_t i = 0; i < kAmxRows; ++i) {
+    float* row = c + i * kPanel;
+    if (bias)
+      for (int64_t j = 0; j < valid; ++j) row[j] += static_cast<float>(bias[n0 + j]);
+    at::vec::convert(row, static_cast<c10::BFloat16*>(a.y) + (m + i) * a.n + n0, valid);
+  }
+}
+
+/// Rows [m, m + 16 MB) times panels [panel, panel + NB) on AMX tiles (MB, NB in {1, 2}; tiles
+/// configured; K % 32 == 0). Tiles: C 0-3 (row block i, panel j: 2i + j), A 4-5, B 6-7.
+template <int MB, int NB>
+void amx_block(const LinearArgs& a, int64_t m, int64_t panel) {
+  const int64_t pairs = a.k / 2;
+  const long x_bytes = static_cast<long>(a.x_stride * 2);
+  const uint16_t* x0 = static_cast<const uint16_t*>(a.x) + m * a.x_stride;
+  const uint16_t* x1 = x0 + kAmxRows * a.x_stride;
+  const uint16_t* w0 = static_cast<const uint16_t*>(a.panels) + panel * pairs * 2 * kPanel;
+  const uint16_t* w1 = w0 + pairs * 2 * kPanel;
+  _tile_zero(0);
+  if constexpr (NB > 1) _tile_zero(1);
+  if constexpr (MB > 1) _tile_zero(2);
+  if constexpr (MB > 1 && NB > 1) _tile_zero(3);
+  for (int64_t k = 0; k < a.k; k += kAmxK) {  // a B tile: pair-rows k / 2 .. k / 2 + 15
+    _tile_loadd(4, x0 + k, x_bytes);
+    _tile_loadd(6, w0 + k * kPanel, 64);
+    if constexpr (MB > 1) _tile_loadd(5, x1 + k, x_bytes);
+    if constexpr (NB > 1) _tile_loadd(7, w1 + k * kPanel, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (NB > 1) _tile_dpbf16ps(1, 4, 7);
+    if constexpr (MB > 1) _tile_dpbf16ps(2, 5, 6);
+    if constexpr (MB > 1 && NB > 1) _tile_dpbf16ps(3, 5, 7);
+  }
+  alignas(64) float c[kAmxRows * kPanel];
+  _tile_stored(0, c, 64);
+  store_tile(a, c, m, panel);
+  if constexpr (NB > 1) {
+    _tile_stored(1, c, 64);
+    store_tile(a, c, m, panel + 1);
+  }
+  if constexpr (MB > 1) {
+    _tile_stored(2, c, 64);
+    store_tile(a, c, m + kAmxRows, panel);
+  }
+  if constexpr (MB > 1 && NB > 1) {
+    _tile_stored(3, c, 64);
+    store_tile(a, c, m + kAmxRows, panel + 1);
+  }
+}
+
+/// The rows of [m0, m1) in whole 16-row blocks on AMX; returns the first row left.
+template <int NP>
+int64_t amx_rows(const LinearArgs& a, int64_t panel, int64_t m0, int64_t m1) {
+  if (!a.bf16 || a.k % kAmxK != 0 || m1 - m0 < kAmxRows) return m0;
+  configure_tiles();
+  int64_t m = m0;
+  for (; m + 2 * kAmxRows <= m1; m += 2 * kAmxRows) amx_block<2, NP>(a, m, panel);
+  if (m + kAmxRows <= m1) {
+    amx_block<1, NP>(a, m, panel);
+    m += kAmxRows;
+  }
+  _tile_release();
+  return m;
+}
+#endif
+
 /// y[MR rows, NP panels' features from panel] = x[MR rows] W^T (+ bias), in y's dtype.
 template <int MR, int NP>
 inline void tile(const LinearArgs& a, const Rows& x, int64_t panel, int64_t m) {
@@ -235,7 +347,11 @@ inline void tile(const LinearArgs& a, const Rows& x, int64_t panel, int64_t m) {
 /// Rows [m0, m1) times NP panels from panel: full tiles, then the rest in halving tiles.
 template <int NP>
 void rows(const LinearArgs& a, const Rows& x, int64_t panel, int64_t m0, int64_t m1) {
+#if defined(PREFIXSERVE_AMX)
+  int64_t m = amx_rows<NP>(a, panel, m0, m1);
+#else
   int64_t m = m0;
+#endif
   auto run = [&]<int MR>() {
     tile<MR, NP>(a, x, panel, m);
     m += MR;

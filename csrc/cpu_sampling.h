@@ -32,6 +32,9 @@ void argmax_rows(const ArgmaxArgs& args);
 namespace avx512_bf16 {
 void argmax_rows(const ArgmaxArgs& args);
 }
+namespace amx {
+void argmax_rows(const ArgmaxArgs& args);
+}
 #endif
 
 }  // namespace prefixserve::cpu

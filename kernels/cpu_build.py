@@ -64,6 +64,20 @@ ISA_FLAGS: dict[str, tuple[str, ...]] = {
         "-mfma",
         "-mf16c",
     ),
+    "amx": (
+        "-DCPU_CAPABILITY=AVX512",
+        "-DCPU_CAPABILITY_AVX512",
+        "-mavx512f",
+        "-mavx512bw",
+        "-mavx512vl",
+        "-mavx512dq",
+        "-mavx512bf16",
+        "-mamx-tile",
+        "-mamx-bf16",
+        "-mavx2",
+        "-mfma",
+        "-mf16c",
+    ),
 }
 """Builds of the kernel file per instruction set (x86-64 only; elsewhere the baseline alone)."""
 EXPECTED_BUILD_SECONDS = 30

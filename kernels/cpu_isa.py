@@ -13,8 +13,9 @@ __all__ = ["cpu_isas", "default_isa"]
 
 
 def cpu_isas() -> list[str]:
-    """Instruction sets the ops can run on this CPU, best first (``avx512``, ``avx2``,
-    ``baseline``)."""
+    """Instruction sets the ops can run on this CPU, best first, of ``amx`` (AMX bf16 tiles, where
+    the OS grants them), ``avx512_bf16`` (AVX-512 with vdpbf16ps), ``avx512``, ``avx2`` and
+    ``baseline``."""
     return list(torch.ops.prefixserve.cpu_isas())
 
 

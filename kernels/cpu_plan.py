@@ -58,7 +58,7 @@ class DispatchRule:
         return cls()
 
 
-ROWWISE_ISAS = ("avx512_bf16",)
+ROWWISE_ISAS = ("amx", "avx512_bf16")
 """ISAs whose build runs bf16 decode tiles row by row (``kRowwiseRows`` in the kernel)."""
 
 

@@ -115,7 +115,7 @@ def parse_dtype(
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 """CPU flags (``/proc/cpuinfo``) of a native bf16 dot product: AVX512-BF16's ``vdpbf16ps``
 (Intel Cooper Lake and Sapphire Rapids on, AMD Zen 4 on) and AMX (Sapphire Rapids on)."""
-BF16_ISAS = ("avx512_bf16",)
+BF16_ISAS = ("amx", "avx512_bf16")
 """Builds of the native ops that run bf16 on the CPU's bf16 dot product
 (``$PREFIXSERVE_CPU_ISA`` naming another one keeps ``auto`` at fp32)."""
 

@@ -292,3 +292,56 @@ def test_without_the_op_linears_stay_aten_and_it_says_why_once(monkeypatch, capl
     assert all(type(m[0]) is nn.Linear for m in models)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "no C++ compiler (test)" in warnings[0], warnings
+
+
+@pytest.fixture(scope="module")
+def amx_emulated(tmp_path_factory: pytest.TempPathFactory):
+    """``csrc/cpu_linear_kernel.cpp`` built with software AMX tiles (``amx_emulation.h``) as
+    its ``amx_emulated`` build (AVX2 code around the tiles), behind a test op
+    (``amx_emulated_op.cpp``): the AMX blocking runs on any CPU with AVX2. The instructions
+    themselves run only where a CPU has AMX (the ``amx`` ISA above)."""
+    import os
+    import subprocess
+
+    from torch.utils import cpp_extension
+
+    from prefixserve.kernels.cpu_build import COMMON_FLAGS, ISA_FLAGS, SOURCE_DIR
+
+    if "avx2" not in cpu_isas():
+        pytest.skip("the emulated build is AVX2 code")
+    here, out = Path(__file__).resolve().parent, tmp_path_factory.mktemp("amx-emulated")
+    compiler = os.environ.get("CXX") or "c++"
+    includes = [f"-I{d}" for d in (SOURCE_DIR, here, *cpp_extension.include_paths())]
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    base = [compiler, *COMMON_FLAGS, abi, *includes]
+    emulate = ["-DPREFIXSERVE_ISA=amx_emulated", '-DPREFIXSERVE_AMX_EMULATE="amx_emulation.h"']
+    jobs = [
+        [*base, *ISA_FLAGS["avx2"], *emulate, "-c", str(SOURCE_DIR / "cpu_linear_kernel.cpp")],
+        [*base, "-c", str(here / "amx_emulated_op.cpp")],
+    ]
+    objects = [out / "kernel.o", out / "op.o"]
+    builds = [subprocess.Popen([*j, "-o", str(o)]) for j, o in zip(jobs, objects, strict=True)]
+    assert all(b.wait() == 0 for b in builds), "the emulated AMX build failed (see stderr)"
+    library = out / "libamx_emulated.so"
+    libs = [f"-L{d}" for d in cpp_extension.library_paths()]
+    link = [compiler, "-shared", *map(str, objects), *libs, "-lc10", "-ltorch_cpu"]
+    subprocess.run([*link, "-o", str(library)], check=True)
+    torch.ops.load_library(str(library))
+    return torch.ops.prefixserve_amx_emulated
+
+
+@pytest.mark.parametrize("rows", [15, 16, 17, 31, 32, 33, 48, 64, 241, 500])
+@pytest.mark.parametrize("n,k", [(576, 576), (48, 64), (17, 32), (200, 96), (33, 40)])
+def test_amx_blocks_on_emulated_tiles(amx_emulated, rows: int, n: int, k: int) -> None:
+    """Whole 16-row blocks times one or two panels on tiles, the rest of the rows (and K not a
+    multiple of 32: all of them) on the vector tiles; bias, strided rows; within one bf16
+    rounding of float64."""
+    x, w, b = (torch.randn(*shape).bfloat16() for shape in ((rows, k + 3), (n, k), (n,)))
+    x = x[:, 2 : k + 2]  # a row stride of k + 3
+    panels = cpu_linear.pack_weight(w)
+    before = amx_emulated.tile_products()
+    for bias in (None, b):
+        _assert_bf16_close(amx_emulated.linear(x, panels, bias, n), _expected(x, w, bias), k)
+    chunks = [min(256, rows - m) for m in range(0, rows, 256)]  # the AMX builds' row tasks
+    blocks = sum(c // 16 for c in chunks) if k % 32 == 0 else 0  # 16-row blocks per panel
+    assert amx_emulated.tile_products() - before == 2 * blocks * -(-n // 16) * (k // 32)
