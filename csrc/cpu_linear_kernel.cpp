@@ -90,6 +90,9 @@ inline void accumulate(const LinearArgs& a, const float* x, int64_t stride, int6
   constexpr int NV = NP * kPanelVectors;
   const int64_t k = a.k;
   const float* w = static_cast<const float*>(a.panels) + panel * k * kPanel;
+  Vec sums[MR][NV];  // local, so that they live in registers whether or not this is inlined
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) sums[i][v] = acc[i][v];
   for (int64_t d = 0; d < k; ++d) {
     Vec wv[NV];
     for (int p = 0; p < NP; ++p)
@@ -97,9 +100,11 @@ inline void accumulate(const LinearArgs& a, const float* x, int64_t stride, int6
         wv[p * kPanelVectors + v] = Vec::loadu(w + (p * k + d) * kPanel + v * kLanes);
     for (int i = 0; i < MR; ++i) {
       const Vec xb(x[i * stride + d]);
-      for (int v = 0; v < NV; ++v) acc[i][v] = at::vec::fmadd(xb, wv[v], acc[i][v]);
+      for (int v = 0; v < NV; ++v) sums[i][v] = at::vec::fmadd(xb, wv[v], sums[i][v]);
     }
   }
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v] = sums[i][v];
 }
 
 /// Widens kLanes weight pairs (one vector of 32-bit lanes, each an (even, odd) pair of bf16
@@ -137,13 +142,16 @@ inline void accumulate_widened(const LinearArgs& a, const float* x, int64_t stri
         widen_pairs(w + ((p * pairs + d) * kPanel + v * kLanes) * 2, even[p * kPanelVectors + v],
                     odd[p * kPanelVectors + v]);
   };
+  Vec sums[MR][NV];  // local, so that they live in registers whether or not this is inlined
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) sums[i][v] = acc[i][v];
   for (int64_t d = 0; d < full; ++d) {
     Vec even[NV], odd[NV];
     weights(d, even, odd);
     for (int i = 0; i < MR; ++i) {
       const Vec xe(x[i * stride + 2 * d]), xo(x[i * stride + 2 * d + 1]);
       for (int v = 0; v < NV; ++v)
-        acc[i][v] = at::vec::fmadd(xo, odd[v], at::vec::fmadd(xe, even[v], acc[i][v]));
+        sums[i][v] = at::vec::fmadd(xo, odd[v], at::vec::fmadd(xe, even[v], sums[i][v]));
     }
   }
   if (full < pairs) {  // odd K: the last input alone
@@ -151,9 +159,11 @@ inline void accumulate_widened(const LinearArgs& a, const float* x, int64_t stri
     weights(full, even, odd);
     for (int i = 0; i < MR; ++i) {
       const Vec xe(x[i * stride + 2 * full]);
-      for (int v = 0; v < NV; ++v) acc[i][v] = at::vec::fmadd(xe, even[v], acc[i][v]);
+      for (int v = 0; v < NV; ++v) sums[i][v] = at::vec::fmadd(xe, even[v], sums[i][v]);
     }
   }
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v] = sums[i][v];
 }
 
 #if defined(__AVX512BF16__)
