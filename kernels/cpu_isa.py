@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["cpu_isas", "default_isa"]
+__all__ = ["BF16_ISAS", "cpu_isas", "default_isa"]
+
+BF16_ISAS = ("amx", "avx512_bf16")
+"""Builds with a native bf16 dot product (``vdpbf16ps``, and AMX tiles): where bf16 linears run
+on the native op and bf16 decode tiles run row by row."""
 
 
 def cpu_isas() -> list[str]:

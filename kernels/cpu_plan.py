@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .cpu_isa import BF16_ISAS
 from .kv_write import KVWrite
 from .metadata import AttentionMetadata
 
@@ -53,13 +54,9 @@ class DispatchRule:
         tile and 32 prefix tokens (``bench_cpu_attention.py --dtype bfloat16``: a 512-token
         prefix shared by 2 decodes, grouped 1.74 ms against plain 1.14; by 4, 0.94 against
         1.12)."""
-        if isa in ROWWISE_ISAS and dtype == torch.bfloat16 and head_dim % 64 == 0:
+        if isa in BF16_ISAS and dtype == torch.bfloat16 and head_dim % 64 == 0:
             return cls(min_saved_keys=256, min_reads_per_tile=4, min_prefix_len=32)
         return cls()
-
-
-ROWWISE_ISAS = ("amx", "avx512_bf16")
-"""ISAs whose build runs bf16 decode tiles row by row (``kRowwiseRows`` in the kernel)."""
 
 
 @dataclass(slots=True)

@@ -115,17 +115,17 @@ def parse_dtype(
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 """CPU flags (``/proc/cpuinfo``) of a native bf16 dot product: AVX512-BF16's ``vdpbf16ps``
 (Intel Cooper Lake and Sapphire Rapids on, AMD Zen 4 on) and AMX (Sapphire Rapids on)."""
-BF16_ISAS = ("amx", "avx512_bf16")
-"""Builds of the native ops that run bf16 on the CPU's bf16 dot product
-(``$PREFIXSERVE_CPU_ISA`` naming another one keeps ``auto`` at fp32)."""
 
 
 def auto_dtype(device: str | None = None, quantization: str = "none") -> tuple[torch.dtype, str]:
     """What ``dtype="auto"`` means on ``device``, and why: bf16 on CUDA; on a CPU, bf16 where
-    it has a native bf16 dot product (2-3x the fp32 matrix throughput, half the bytes a step
-    streams), fp32 elsewhere (bf16 would be converted to fp32 for every product) and for
-    bitsandbytes-quantized models (their CPU kernels compute in fp32)."""
+    it has a native bf16 dot product (twice the fp32 FLOPs per instruction, half the bytes a
+    step streams), fp32 elsewhere (bf16 would be converted to fp32 for every product), for
+    bitsandbytes-quantized models (their CPU kernels compute in fp32) and where
+    ``$PREFIXSERVE_CPU_ISA`` names a build without one."""
     import torch
+
+    from .kernels.cpu_isa import BF16_ISAS
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"

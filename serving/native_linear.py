@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import BF16_ISAS, cache_root, env_cpu_isa
+from .config import cache_root, env_cpu_isa
 from .kernels import cpu_linear
 from .kernels.cpu_build import NativeBuildError
-from .kernels.cpu_isa import default_isa
+from .kernels.cpu_isa import BF16_ISAS, default_isa
 
 logger = logging.getLogger(__name__)
 
@@ -61,10 +61,11 @@ class PackedLinear(nn.Linear):
 
 def native_dtypes(isa: str) -> tuple[torch.dtype, ...]:
     """The weight dtypes whose linears run on the native op with the build for ``isa``: bf16
-    only with a bf16 dot product (:data:`~prefixserve.config.BF16_ISAS`), where the op beats
-    oneDNN's bf16 GEMM up to 64 rows and is within 6% of it beyond (``benchmarks/kernels/
-    bench_cpu_linear.py --dtype bfloat16``). Without one, the op widens bf16 to fp32 and loses
-    to oneDNN from a few rows on, so bf16 linears stay ATen's there."""
+    only with a bf16 dot product (:data:`~prefixserve.kernels.cpu_isa.BF16_ISAS`), where the
+    op beats oneDNN's bf16 GEMM up to 64 rows (decode steps) and is 7-15% slower than its
+    prepacked GEMM from 256 rows on, which would need a second copy of every weight
+    (``benchmarks/kernels/bench_cpu_linear.py --dtype bfloat16``). Without one, the op widens
+    bf16 to fp32 and loses to oneDNN from a few rows on, so bf16 linears stay ATen's there."""
     if isa == "baseline":  # the kernel is vectorized for AVX2 and AVX-512
         return ()
     return (torch.float32, torch.bfloat16) if isa in BF16_ISAS else (torch.float32,)
