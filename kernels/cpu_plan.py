@@ -49,11 +49,11 @@ class DispatchRule:
     def for_step(cls, isa: str, dtype: torch.dtype, head_dim: int) -> DispatchRule:
         """The rule measured for the kernel a step runs. With bf16 caches on AVX512-BF16 the
         op's decode tiles run row by row (``attend_rowwise``: a key's scores by ``vdpbf16ps``
-        on the bf16 row in place) at about a third of the row-vector tiles' time, while prefix
-        tiles keep widening K/V to fp32; grouping then pays only from 4 requests per prefix
-        tile and 32 prefix tokens (``bench_cpu_attention.py --dtype bfloat16``: a 512-token
-        prefix shared by 2 decodes, grouped 1.74 ms against plain 1.14; by 4, 0.94 against
-        1.12)."""
+        on the bf16 row in place) at about a third of the row-vector tiles' time, which prefix
+        tiles keep (scores on bf16 pairs, values in fp32); grouping then pays only from 4
+        requests per prefix tile and 32 prefix tokens (``bench_cpu_attention.py --dtype
+        bfloat16``: a 512-token prefix shared by 2 decodes, grouped 1.51 ms against plain 1.28;
+        by 4, 0.80 against 1.06)."""
         if isa in BF16_ISAS and dtype == torch.bfloat16 and head_dim % 64 == 0:
             return cls(min_saved_keys=256, min_reads_per_tile=4, min_prefix_len=32)
         return cls()
