@@ -406,7 +406,12 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         "Prints each answer beside its tenant and adapter, and the throughput.",
     )
     demo.add_argument("--model", help="HF model directory (default: the embedded SmolLM2-135M)")
-    demo.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    demo.add_argument(
+        "--dtype",
+        default="auto",
+        help="auto (bf16 on CPUs with a bf16 dot product, AVX512-BF16 or AMX; fp32 on others),"
+        " float32, bfloat16 or float16",
+    )
     demo.add_argument("--max-new-tokens", type=int, default=48, help="tokens per answer at most")
     demo.add_argument(
         "--adapters-dir",
