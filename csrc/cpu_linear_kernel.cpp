@@ -29,10 +29,10 @@
 // tiles: a panel's 16 pair-rows of 64 bytes are exactly the B operand of tdpbf16ps (no
 // repacking), x's rows the A operand where they lie, and up to four 16 x 16 fp32 accumulator
 // tiles stay in the tile registers along K. Rows past the last full block, and K not a multiple
-// of 32, run on the vdpbf16ps tiles. AMX is not run by the CPUs this was written on: its
-// blocking is tested by building this file against an emulation of the tile instructions
-// (tests/kernels/test_cpu_linear.py, amx_emulation.h), the instructions themselves only where a
-// CPU has them.
+// of 32, run on the vdpbf16ps tiles. The AMX blocking is tested on any AVX2 CPU by building
+// this file against a software emulation of the tile instructions (tests/kernels/
+// test_cpu_linear.py, amx_emulation.h); the instructions themselves run only where a CPU has
+// them.
 //
 // Reference: torch.nn.functional.linear (with W = the panels unpacked).
 
@@ -77,7 +77,8 @@ constexpr bool kDotBf16 = true;  ///< vdpbf16ps: x stays bf16
 constexpr bool kDotBf16 = false;  ///< x widened to fp32 once per call
 #endif
 
-/// The fp32 rows of x a tile reads: x itself, or its widened copy (bf16 without vdpbf16ps).
+/// The rows of x a tile reads: x itself (fp32, or bf16 for vdpbf16ps), or its fp32 copy (bf16
+/// without vdpbf16ps).
 struct Rows {
   const void* x;
   int64_t stride;
