@@ -213,8 +213,8 @@ class Child:
         command += ["--batch", str(args.batch), "--new-tokens", str(args.new_tokens)]
         command += ["--dtype", args.dtype, "--repeats", str(args.repeats)]
         command += ["--shared", *map(str, args.shared)] if args.shared else []
-        if who == "vllm":  # the peer's own python, its job in a file
-            command, env = [args.vllm_python, str(Path(__file__).with_name(PEER)), *extra], env
+        if who == "vllm":  # the peer's own python, its job in a file (extra)
+            command = [args.vllm_python, str(Path(__file__).with_name(PEER)), *extra]
             env = {**env, **vllm_env()}
         self.who = who
         self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (lives as long as the child)
