@@ -8,6 +8,8 @@
 
 #include <cstdint>
 
+#include "cpu_isa.h"
+
 namespace prefixserve::cpu {
 
 /// How a query tile treats its request's adapter prefix (column 3 of `query_tiles`).
@@ -54,22 +56,6 @@ struct AttentionArgs {
 };
 
 // One build of the kernel per instruction set, chosen at run time (run_isa_build, cpu_isa.h).
-namespace baseline {
-void paged_prefix_attention(const AttentionArgs& args);
-}
-#if defined(__x86_64__)
-namespace avx2 {
-void paged_prefix_attention(const AttentionArgs& args);
-}
-namespace avx512 {
-void paged_prefix_attention(const AttentionArgs& args);
-}
-namespace avx512_bf16 {
-void paged_prefix_attention(const AttentionArgs& args);
-}
-namespace amx {
-void paged_prefix_attention(const AttentionArgs& args);
-}
-#endif
+PREFIXSERVE_DECLARE_ISA_BUILDS(void paged_prefix_attention(const AttentionArgs& args))
 
 }  // namespace prefixserve::cpu

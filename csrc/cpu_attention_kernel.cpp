@@ -423,38 +423,41 @@ class Attention {
     for (int64_t r = 0; r < t.padded; ++r)
       t.limit[r] = r < t.rows ? static_cast<float>(first_own + r / group_ + 1) : kAllVisible;
     const int32_t* own_table = a_.block_tables + request * a_.block_table_stride;
-#if defined(__AVX512BF16__)
-    if constexpr (std::is_same_v<T, c10::BFloat16>) {
-      if (rowwise(t)) {
-      const c10::BFloat16* q[kRowwiseRows];
-      for (int64_t r = 0; r < t.rows; ++r) q[r] = query_row(r, t, kv_head);
+    // The same order in either layout: the group's state or a fresh one, the prefix unless a
+    // prefix tile read it, the own keys (causal), the output.
+    auto run = [&](const auto& load_state_of, const auto& attend_over, const auto& store) {
       if (tile[3] == kGroupedPrefix) {
-        load_state_rowwise(t, kv_head);
+        load_state_of(t);
       } else {
         reset_state(t);
       }
       if (tile[3] == kReadPrefix) {
         const int64_t prefix = a_.prefix_index[request];
-        attend_rowwise(t, q, prefix_table(prefix), a_.prefix_lens[prefix], kv_head, false);
+        attend_over(prefix_table(prefix), a_.prefix_lens[prefix], false);
       }
-      attend_rowwise(t, q, own_table, first_own + count, kv_head, true);
-      store_output_rowwise(t, kv_head);
-      return;
-    }
+      attend_over(own_table, first_own + count, true);
+      store(t);
+    };
+#if defined(__AVX512BF16__)
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      if (rowwise(t)) {
+        const c10::BFloat16* q[kRowwiseRows];
+        for (int64_t r = 0; r < t.rows; ++r) q[r] = query_row(r, t, kv_head);
+        return run(
+            [&](const Tile& s) { load_state_rowwise(s, kv_head); },
+            [&](const int32_t* table, int64_t len, bool causal) {
+              attend_rowwise(t, q, table, len, kv_head, causal);
+            },
+            [&](const Tile& s) { store_output_rowwise(s, kv_head); });
+      }
     }
 #endif
     load_queries(t, kv_head);
-    if (tile[3] == kGroupedPrefix) {
-      load_state(t, kv_head);
-    } else {
-      reset_state(t);
-    }
-    if (tile[3] == kReadPrefix) {
-      const int64_t prefix = a_.prefix_index[request];
-      attend(t, prefix_table(prefix), a_.prefix_lens[prefix], kv_head, false);
-    }
-    attend(t, own_table, first_own + count, kv_head, true);
-    store_output(t, kv_head);
+    run([&](const Tile& s) { load_state(s, kv_head); },
+        [&](const int32_t* table, int64_t len, bool causal) {
+          attend(t, table, len, kv_head, causal);
+        },
+        [&](const Tile& s) { store_output(s, kv_head); });
   }
 
 #if defined(__AVX512BF16__)
@@ -466,20 +469,12 @@ class Attention {
   /// attend() for a row-by-row tile: acc [rows][dim], scores [rows][kChunk].
   void attend_rowwise(Tile& t, const c10::BFloat16* const* q, const int32_t* table, int64_t len,
                       int64_t kv_head, bool causal) const {
-    int64_t offsets[2][kChunk];
-    const c10::BFloat16* keys[kChunk];
-    const c10::BFloat16* values[kChunk];
-    locate_rows(table, 0, std::min(kChunk, len), kv_head, offsets[0]);
-    for (int64_t first = 0, buf = 0; first < len; first += kChunk, buf ^= 1) {
-      const int64_t n = std::min(kChunk, len - first);
-      const int64_t next = std::min(kChunk, len - first - n);
-      if (next > 0) {
-        locate_rows(table, first + n, next, kv_head, offsets[buf ^ 1]);
-        prefetch_rows(offsets[buf ^ 1], next);
-      }
+    for_each_chunk(table, len, kv_head, [&](int64_t first, int64_t n, const int64_t* offsets) {
+      const c10::BFloat16* keys[kChunk];
+      const c10::BFloat16* values[kChunk];
       for (int64_t j = 0; j < n; ++j) {
-        keys[j] = reinterpret_cast<const c10::BFloat16*>(k_) + offsets[buf][j];
-        values[j] = reinterpret_cast<const c10::BFloat16*>(v_) + offsets[buf][j];
+        keys[j] = reinterpret_cast<const c10::BFloat16*>(k_) + offsets[j];
+        values[j] = reinterpret_cast<const c10::BFloat16*>(v_) + offsets[j];
       }
       for (int64_t r = 0; r < t.rows; ++r) dot_scores(q[r], keys, n, dim_, t.scores + r * kChunk);
       softmax_rows(t, first, n, causal);
@@ -495,7 +490,7 @@ class Attention {
           }
         }
       }
-    }
+    });
   }
 
   /// softmax_step() per row: scale, keys past n or (causal) past a row's limit to -inf, the
@@ -562,23 +557,15 @@ class Attention {
       if (pair_tiles()) return attend_pairs(t, table, len, kv_head, causal);
     }
 #endif
-    int64_t offsets[2][kChunk];
-    const float* keys[kChunk];
-    const float* values[kChunk];
-    locate_rows(table, 0, std::min(kChunk, len), kv_head, offsets[0]);
-    for (int64_t first = 0, buf = 0; first < len; first += kChunk, buf ^= 1) {
-      const int64_t n = std::min(kChunk, len - first);
-      const int64_t next = std::min(kChunk, len - first - n);
-      if (next > 0) {
-        locate_rows(table, first + n, next, kv_head, offsets[buf ^ 1]);
-        prefetch_rows(offsets[buf ^ 1], next);
-      }
-      load_rows(t, offsets[buf], n, keys, values);
+    for_each_chunk(table, len, kv_head, [&](int64_t first, int64_t n, const int64_t* offsets) {
+      const float* keys[kChunk];
+      const float* values[kChunk];
+      load_rows(t, offsets, n, keys, values);
       compute_scores(t, keys, n, dim_);
       if (causal && first + n > t.min_limit) mask_causal(t, first, n);
       softmax_step(t, n);
       accumulate_values(t, values, n, dim_);
-    }
+    });
   }
 
 #if defined(__AVX512BF16__)
@@ -592,20 +579,12 @@ class Attention {
   /// ulps off float64 instead of 0.77).
   void attend_pairs(Tile& t, const int32_t* table, int64_t len, int64_t kv_head,
                     bool causal) const {
-    int64_t offsets[2][kChunk];
-    const c10::BFloat16* keys[kChunk];
-    const c10::BFloat16* values[kChunk];
-    locate_rows(table, 0, std::min(kChunk, len), kv_head, offsets[0]);
-    for (int64_t first = 0, buf = 0; first < len; first += kChunk, buf ^= 1) {
-      const int64_t n = std::min(kChunk, len - first);
-      const int64_t next = std::min(kChunk, len - first - n);
-      if (next > 0) {
-        locate_rows(table, first + n, next, kv_head, offsets[buf ^ 1]);
-        prefetch_rows(offsets[buf ^ 1], next);
-      }
+    for_each_chunk(table, len, kv_head, [&](int64_t first, int64_t n, const int64_t* offsets) {
+      const c10::BFloat16* keys[kChunk];
+      const c10::BFloat16* values[kChunk];
       for (int64_t j = 0; j < n; ++j) {
-        keys[j] = reinterpret_cast<const c10::BFloat16*>(k_) + offsets[buf][j];
-        values[j] = reinterpret_cast<const c10::BFloat16*>(v_) + offsets[buf][j];
+        keys[j] = reinterpret_cast<const c10::BFloat16*>(k_) + offsets[j];
+        values[j] = reinterpret_cast<const c10::BFloat16*>(v_) + offsets[j];
       }
       const int32_t* qp = reinterpret_cast<const int32_t*>(t.q);
       const int64_t dim_pairs = dim_ / 2;
@@ -630,9 +609,28 @@ class Attention {
         rows[j] = v_row;
       }
       accumulate_values(t, rows, n, dim_);
-    }
+    });
   }
 #endif
+
+  /// chunk(first, n, offsets) for keys 0..len-1 of `table` in chunks of kChunk, `offsets` the
+  /// pool offsets of the chunk's K/V rows; the next chunk's rows are located and prefetched
+  /// into L2 before this one runs.
+  template <typename Chunk>
+  void for_each_chunk(const int32_t* table, int64_t len, int64_t kv_head,
+                      const Chunk& chunk) const {
+    int64_t offsets[2][kChunk];
+    locate_rows(table, 0, std::min(kChunk, len), kv_head, offsets[0]);
+    for (int64_t first = 0, buf = 0; first < len; first += kChunk, buf ^= 1) {
+      const int64_t n = std::min(kChunk, len - first);
+      const int64_t next = std::min(kChunk, len - first - n);
+      if (next > 0) {
+        locate_rows(table, first + n, next, kv_head, offsets[buf ^ 1]);
+        prefetch_rows(offsets[buf ^ 1], next);
+      }
+      chunk(first, n, offsets[buf]);
+    }
+  }
 
   /// Pool offsets of the K/V rows of keys first..first+n-1 of `table` for `kv_head`. Reads only
   /// the table entries that hold these keys.

@@ -80,6 +80,32 @@ struct IsaBuilds {
 #endif
 };
 
+/// Declares `decl` (one kernel, `void kernel(const Args& args)`) in the namespace of every ISA
+/// build this library holds, as PREFIXSERVE_ISA_BUILDS lists them.
+#if defined(__x86_64__)
+#define PREFIXSERVE_DECLARE_ISA_BUILDS(decl) \
+  namespace baseline {                       \
+  decl;                                      \
+  }                                          \
+  namespace avx2 {                           \
+  decl;                                      \
+  }                                          \
+  namespace avx512 {                         \
+  decl;                                      \
+  }                                          \
+  namespace avx512_bf16 {                    \
+  decl;                                      \
+  }                                          \
+  namespace amx {                            \
+  decl;                                      \
+  }
+#else
+#define PREFIXSERVE_DECLARE_ISA_BUILDS(decl) \
+  namespace baseline {                       \
+  decl;                                      \
+  }
+#endif
+
 #if defined(__x86_64__)
 #define PREFIXSERVE_ISA_BUILDS(kernel) \
   {&baseline::kernel, &avx2::kernel, &avx512::kernel, &avx512_bf16::kernel, &amx::kernel}

@@ -6,6 +6,8 @@
 
 #include <cstdint>
 
+#include "cpu_isa.h"
+
 namespace prefixserve::cpu {
 
 /// Output features per panel of a packed weight: panels [ceil(N / kPanel), K, kPanel] hold W^T
@@ -33,22 +35,6 @@ struct LinearArgs {
 };
 
 // One build of the kernel per instruction set, chosen at run time (run_isa_build, cpu_isa.h).
-namespace baseline {
-void panel_linear(const LinearArgs& args);
-}
-#if defined(__x86_64__)
-namespace avx2 {
-void panel_linear(const LinearArgs& args);
-}
-namespace avx512 {
-void panel_linear(const LinearArgs& args);
-}
-namespace avx512_bf16 {
-void panel_linear(const LinearArgs& args);
-}
-namespace amx {
-void panel_linear(const LinearArgs& args);
-}
-#endif
+PREFIXSERVE_DECLARE_ISA_BUILDS(void panel_linear(const LinearArgs& args))
 
 }  // namespace prefixserve::cpu

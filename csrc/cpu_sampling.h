@@ -6,6 +6,8 @@
 
 #include <cstdint>
 
+#include "cpu_isa.h"
+
 namespace prefixserve::cpu {
 
 /// Raw views of one call's tensors, validated by the registration.
@@ -19,22 +21,6 @@ struct ArgmaxArgs {
 };
 
 // One build of the kernel per instruction set, chosen at run time (run_isa_build, cpu_isa.h).
-namespace baseline {
-void argmax_rows(const ArgmaxArgs& args);
-}
-#if defined(__x86_64__)
-namespace avx2 {
-void argmax_rows(const ArgmaxArgs& args);
-}
-namespace avx512 {
-void argmax_rows(const ArgmaxArgs& args);
-}
-namespace avx512_bf16 {
-void argmax_rows(const ArgmaxArgs& args);
-}
-namespace amx {
-void argmax_rows(const ArgmaxArgs& args);
-}
-#endif
+PREFIXSERVE_DECLARE_ISA_BUILDS(void argmax_rows(const ArgmaxArgs& args))
 
 }  // namespace prefixserve::cpu

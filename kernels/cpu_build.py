@@ -38,46 +38,15 @@ KERNELS = ("cpu_attention_kernel.cpp", "cpu_linear_kernel.cpp", "cpu_sampling_ke
 """Kernel files, each built once per instruction set."""
 HEADERS = ("cpu_attention.h", "cpu_isa.h", "cpu_linear.h", "cpu_sampling.h")
 COMMON_FLAGS = ("-O3", "-DNDEBUG", "-std=c++20", "-fPIC", "-fopenmp", "-fvisibility=hidden")
+_AVX2 = ("-mavx2", "-mfma", "-mf16c")
+_AVX512 = ("-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", *_AVX2)
+_AVX512 += ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq")
 ISA_FLAGS: dict[str, tuple[str, ...]] = {
     "baseline": ("-DCPU_CAPABILITY=DEFAULT",),
-    "avx2": ("-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"),
-    "avx512": (
-        "-DCPU_CAPABILITY=AVX512",
-        "-DCPU_CAPABILITY_AVX512",
-        "-mavx512f",
-        "-mavx512bw",
-        "-mavx512vl",
-        "-mavx512dq",
-        "-mavx2",
-        "-mfma",
-        "-mf16c",
-    ),
-    "avx512_bf16": (
-        "-DCPU_CAPABILITY=AVX512",
-        "-DCPU_CAPABILITY_AVX512",
-        "-mavx512f",
-        "-mavx512bw",
-        "-mavx512vl",
-        "-mavx512dq",
-        "-mavx512bf16",
-        "-mavx2",
-        "-mfma",
-        "-mf16c",
-    ),
-    "amx": (
-        "-DCPU_CAPABILITY=AVX512",
-        "-DCPU_CAPABILITY_AVX512",
-        "-mavx512f",
-        "-mavx512bw",
-        "-mavx512vl",
-        "-mavx512dq",
-        "-mavx512bf16",
-        "-mamx-tile",
-        "-mamx-bf16",
-        "-mavx2",
-        "-mfma",
-        "-mf16c",
-    ),
+    "avx2": ("-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", *_AVX2),
+    "avx512": _AVX512,
+    "avx512_bf16": (*_AVX512, "-mavx512bf16"),
+    "amx": (*_AVX512, "-mavx512bf16", "-mamx-tile", "-mamx-bf16"),
 }
 """Builds of the kernel file per instruction set (x86-64 only; elsewhere the baseline alone)."""
 EXPECTED_BUILD_SECONDS = 45
