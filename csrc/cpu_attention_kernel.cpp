@@ -517,8 +517,9 @@ class Attention {
         sum = sum + p;
       }
       const float alpha = std::exp(t.max[r] - base);
-      t.sum[r] = t.sum[r] * alpha +
-                 at::vec::vec_reduce_all<float>([](const Vec& x, const Vec& y) { return x + y; }, sum);
+      const float chunk_sum = at::vec::vec_reduce_all<float>(
+          [](const Vec& x, const Vec& y) { return x + y; }, sum);
+      t.sum[r] = t.sum[r] * alpha + chunk_sum;
       t.max[r] = row_max;
       t.alpha[r] = alpha;
     }
@@ -537,7 +538,8 @@ class Attention {
     float* row = t.stage;
     for (int64_t r = 0; r < t.rows; ++r) {
       const Vec inv(1.f / t.sum[r]);
-      for (int64_t d = 0; d < dim_; d += kLanes) (Vec::loadu(t.acc + r * dim_ + d) * inv).store(row + d);
+      for (int64_t d = 0; d < dim_; d += kLanes)
+        (Vec::loadu(t.acc + r * dim_ + d) * inv).store(row + d);
       const int64_t token = t.tokens[r / group_], head = kv_head * group_ + r % group_;
       T* out = static_cast<T*>(a_.out) + (token * a_.num_q_heads + head) * dim_;
       at::vec::convert(row, out, dim_);
