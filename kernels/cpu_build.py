@@ -38,8 +38,8 @@ KERNELS = ("cpu_attention_kernel.cpp", "cpu_linear_kernel.cpp", "cpu_sampling_ke
 """Kernel files, each built once per instruction set."""
 HEADERS = ("cpu_attention.h", "cpu_isa.h", "cpu_linear.h", "cpu_sampling.h")
 COMMON_FLAGS = ("-O3", "-DNDEBUG", "-std=c++20", "-fPIC", "-fopenmp", "-fvisibility=hidden")
-_AVX2 = ("-mavx2", "-mfma", "-mf16c")
-_AVX512 = ("-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", *_AVX2)
+_AVX2: tuple[str, ...] = ("-mavx2", "-mfma", "-mf16c")
+_AVX512: tuple[str, ...] = ("-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", *_AVX2)
 _AVX512 += ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq")
 ISA_FLAGS: dict[str, tuple[str, ...]] = {
     "baseline": ("-DCPU_CAPABILITY=DEFAULT",),
