@@ -470,12 +470,9 @@ class Attention {
   void attend_rowwise(Tile& t, const c10::BFloat16* const* q, const int32_t* table, int64_t len,
                       int64_t kv_head, bool causal) const {
     for_each_chunk(table, len, kv_head, [&](int64_t first, int64_t n, const int64_t* offsets) {
-      const c10::BFloat16* keys[kChunk];
-      const c10::BFloat16* values[kChunk];
-      for (int64_t j = 0; j < n; ++j) {
-        keys[j] = reinterpret_cast<const c10::BFloat16*>(k_) + offsets[j];
-        values[j] = reinterpret_cast<const c10::BFloat16*>(v_) + offsets[j];
-      }
+      const T* keys[kChunk];
+      const T* values[kChunk];
+      rows_in_pool(offsets, n, keys, values);
       for (int64_t r = 0; r < t.rows; ++r) dot_scores(q[r], keys, n, dim_, t.scores + r * kChunk);
       softmax_rows(t, first, n, causal);
       for (int64_t d0 = 0; d0 < dim_; d0 += 64) {
@@ -582,12 +579,9 @@ class Attention {
   void attend_pairs(Tile& t, const int32_t* table, int64_t len, int64_t kv_head,
                     bool causal) const {
     for_each_chunk(table, len, kv_head, [&](int64_t first, int64_t n, const int64_t* offsets) {
-      const c10::BFloat16* keys[kChunk];
-      const c10::BFloat16* values[kChunk];
-      for (int64_t j = 0; j < n; ++j) {
-        keys[j] = reinterpret_cast<const c10::BFloat16*>(k_) + offsets[j];
-        values[j] = reinterpret_cast<const c10::BFloat16*>(v_) + offsets[j];
-      }
+      const T* keys[kChunk];
+      const T* values[kChunk];
+      rows_in_pool(offsets, n, keys, values);
       const int32_t* qp = reinterpret_cast<const int32_t*>(t.q);
       const int64_t dim_pairs = dim_ / 2;
       int64_t r = 0;
@@ -605,11 +599,7 @@ class Attention {
       if (causal && first + n > t.min_limit) mask_causal(t, first, n);
       softmax_step(t, n);
       const float* rows[kChunk];  // values in fp32: probabilities stay fp32 (exact products)
-      for (int64_t j = 0; j < n; ++j) {
-        float* v_row = t.stage + (kChunk + j) * dim_;
-        to_float(values[j], v_row, dim_);
-        rows[j] = v_row;
-      }
+      widen_rows(t, values, n, 1, rows);
       accumulate_values(t, rows, n, dim_);
     });
   }
@@ -690,18 +680,32 @@ class Attention {
   /// 16-bit ones.
   void load_rows(const Tile& t, const int64_t* offsets, int64_t n, const float** keys,
                  const float** values) const {
+    if constexpr (std::is_same_v<T, float>) {
+      rows_in_pool(offsets, n, keys, values);
+    } else {
+      const T* k[kChunk];
+      const T* v[kChunk];
+      rows_in_pool(offsets, n, k, v);
+      widen_rows(t, k, n, 0, keys);
+      widen_rows(t, v, n, 1, values);
+    }
+  }
+
+  /// keys[j], values[j]: the chunk's K/V rows where they lie in the pool.
+  void rows_in_pool(const int64_t* offsets, int64_t n, const T** keys, const T** values) const {
     for (int64_t j = 0; j < n; ++j) {
-      if constexpr (std::is_same_v<T, float>) {
-        keys[j] = k_ + offsets[j];
-        values[j] = v_ + offsets[j];
-      } else {
-        float* k_row = t.stage + j * dim_;
-        float* v_row = t.stage + (kChunk + j) * dim_;
-        to_float(k_ + offsets[j], k_row, dim_);
-        to_float(v_ + offsets[j], v_row, dim_);
-        keys[j] = k_row;
-        values[j] = v_row;
-      }
+      keys[j] = k_ + offsets[j];
+      values[j] = v_ + offsets[j];
+    }
+  }
+
+  /// out[j]: fp32 copies of n rows in the tile's stage, half `slot` (0 for K, 1 for V).
+  void widen_rows(const Tile& t, const T* const* rows, int64_t n, int slot,
+                  const float** out) const {
+    for (int64_t j = 0; j < n; ++j) {
+      float* row = t.stage + (slot * kChunk + j) * dim_;
+      to_float(rows[j], row, dim_);
+      out[j] = row;
     }
   }
 
